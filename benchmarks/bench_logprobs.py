@@ -1,0 +1,225 @@
+"""Forward+backward time and peak extra memory of ways to get token log-probs + entropy from the lm_head.
+
+    python benchmarks/bench_logprobs.py          # CUDA if present (one ~5-min call), else the scaled CPU table
+
+Methods (all compute logp and entropy of softmax(hidden @ weight.T / T), then backward of
+sum(g1 * logp + g2 * H) with fixed random g1, g2 into hidden and weight):
+  ours    kernels.fused_logprobs: the Triton kernels on CUDA, the chunked torch fallback on the CPU
+  naive   matmul -> .float() -> log_softmax -> gather  (full [N, V] logits, as most RL code does)
+  trl     TRL's selective log-softmax: full [N, V] logits from the lm_head, then log_softmax / entropy
+          one sequence (here: 1024-token chunk) at a time
+  liger   Liger-Kernel's fused linear cross entropy (CUDA only, if installed): logp only, no entropy,
+          temperature applied by scaling hidden
+Effective TFLOP/s counts 8 N d V per forward+backward (logits 2NdV, recomputed logits 2NdV, dX and dW
+2NdV each); the ceiling is torch.matmul on [N, d] x [d, V] in the same dtype, measured here.
+Peak extra memory: CUDA: torch.cuda.max_memory_allocated() minus the allocation before the call.
+CPU: the profiler's tensor-allocation trace (torch.profiler, profile_memory=True): the highest total of
+bytes allocated during the call and still alive. Both include the gradients dX and dW themselves.
+"""
+import datetime
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels  # noqa: E402
+
+TEMPERATURE = 0.6
+TRL_CHUNK_ROWS = 1024
+
+
+# ----------------------------------------------------------------------------- the methods
+def naive_logprobs(hidden, weight, targets, temperature):
+    logits = (hidden @ weight.T).float() / temperature                          # [N, V]
+    log_p = torch.log_softmax(logits, dim=-1)                                    # [N, V]
+    logp = log_p.gather(-1, targets[:, None]).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return logp, entropy
+
+
+def trl_logprobs(hidden, weight, targets, temperature):
+    logits = hidden @ weight.T                                                   # [N, V], input dtype
+    logps, entropies = [], []
+    for r0 in range(0, logits.shape[0], TRL_CHUNK_ROWS):
+        chunk = logits[r0:r0 + TRL_CHUNK_ROWS].float() / temperature             # [C, V]
+        log_p = torch.log_softmax(chunk, dim=-1)
+        logps.append(log_p.gather(-1, targets[r0:r0 + TRL_CHUNK_ROWS, None]).squeeze(-1))
+        entropies.append(-(log_p.exp() * log_p).sum(-1))
+    return torch.cat(logps), torch.cat(entropies)
+
+
+def ours_logprobs(hidden, weight, targets, temperature):
+    backend = "triton" if hidden.is_cuda else "torch"       # never time the CPU interpreter
+    return kernels.fused_logprobs(hidden, weight, targets, temperature, backend=backend)
+
+
+def liger_fwd_bwd_fn():
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+    def run(hidden, weight, targets, g1, g2):
+        loss_fn(weight, hidden / TEMPERATURE, targets).backward()    # = -sum logp; no entropy
+    return run
+
+
+def make_fwd_bwd(logprob_fn):
+    def run(hidden, weight, targets, g1, g2):
+        logp, entropy = logprob_fn(hidden, weight, targets, TEMPERATURE)
+        ((g1 * logp).sum() + (g2 * entropy).sum()).backward()
+    return run
+
+
+def make_inputs(N, d, V, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(N, d, generator=gen).to(device, dtype).requires_grad_()
+    weight = (torch.randn(V, d, generator=gen) * 3 / d ** 0.5).to(device, dtype).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=gen).to(device)
+    g1, g2 = torch.randn(N, generator=gen).to(device), torch.randn(N, generator=gen).to(device)
+    return hidden, weight, targets, g1, g2
+
+
+# ----------------------------------------------------------------------------- measurement
+def cpu_peak_extra_bytes(fn):
+    """Highest total of bytes allocated by CPU tensors during fn() and alive at the same time, from
+    the profiler's allocation trace (private-ish API: torch._C._profiler event tree)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            peak = max(peak, node.extra_fields.total_allocated)
+        stack.extend(node.children)
+    return peak
+
+
+def time_and_memory(run, inputs, device, reps):
+    """-> (seconds per call, peak extra bytes) or (None, 'OOM')."""
+    hidden, weight = inputs[0], inputs[1]
+
+    def call():
+        hidden.grad = weight.grad = None
+        run(*inputs)
+    try:
+        if device == "cuda":
+            call()                                                   # warm-up: compile, autotune
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                call()
+            end.record()
+            torch.cuda.synchronize()
+            seconds = start.elapsed_time(end) / 1e3 / reps
+            hidden.grad = weight.grad = None
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            call()
+            torch.cuda.synchronize()
+            return seconds, torch.cuda.max_memory_allocated() - base
+        t0 = time.perf_counter()             # CPU: one call, timed and traced together (the matmul ceiling warmed up)
+        peak = cpu_peak_extra_bytes(call)
+        return time.perf_counter() - t0, peak
+    except torch.cuda.OutOfMemoryError:
+        hidden.grad = weight.grad = None
+        torch.cuda.empty_cache()
+        return None, "OOM"
+
+
+def matmul_tflops(N, d, V, dtype, device, reps):
+    a, b = torch.randn(N, d, device=device, dtype=dtype), torch.randn(d, V, device=device, dtype=dtype)
+    a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * N * d * V / ((time.perf_counter() - t0) / reps) / 1e12
+
+
+def fmt_mem(b):
+    return b if isinstance(b, str) else f"{b / 2**20:,.0f} MiB"
+
+
+def main():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        dtype = torch.bfloat16
+        shapes = [("RhoMath-1.1B", 2048, 32000), ("DeepSeekMath-7B", 4096, 102400)]
+        token_counts = [4096, 16384, 65536]
+        name = torch.cuda.get_device_name()
+    else:   # scaled down: the CPU has no Triton (the interpreter is a correctness tool, not fast)
+        dtype = torch.float32
+        shapes = [("small (scaled)", 256, 8192), ("large (scaled)", 512, 32000)]
+        token_counts = [1024, 4096]
+        name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    methods = {"ours": make_fwd_bwd(ours_logprobs), "naive": make_fwd_bwd(naive_logprobs),
+               "trl": make_fwd_bwd(trl_logprobs)}
+    if device == "cuda" and liger_fwd_bwd_fn() is not None:
+        methods["liger"] = liger_fwd_bwd_fn()
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    ours_backend = "triton" if device == "cuda" else "torch"
+    print(f"# bench_logprobs  {datetime.datetime.now():%Y-%m-%d %H:%M}  device: {name}")
+    print(f"# torch {torch.__version__}, triton {triton_version}, python {platform.python_version()}, "
+          f"dtype {dtype}, T={TEMPERATURE}, ours = backend '{ours_backend}'"
+          + (f" (chunk {kernels.TORCH_CHUNK_BYTES >> 20} MiB of fp32 logits)" if ours_backend == "torch" else ""))
+    print(f"# memory: {'torch.cuda.max_memory_allocated - baseline' if device == 'cuda' else 'torch.profiler tensor-allocation trace'}, "
+          f"includes dX and dW; {'liger: logp only' if 'liger' in methods else 'liger: not run (no CUDA or not installed)'}")
+    print(f"{'shape':<18}{'N':>7} {'method':<7}{'fwd+bwd ms':>12}{'peak extra':>14}{'vs naive':>10}"
+          f"{'TFLOP/s':>9}{'of matmul':>11}")
+    results = {}
+    for label, d, V in shapes:
+        ceiling = matmul_tflops(min(token_counts[-1], 16384), d, V, dtype, device, reps=3)
+        for N in token_counts:
+            inputs = make_inputs(N, d, V, dtype, device)
+            reps = 5 if device == "cuda" else 1
+            for method, run in methods.items():
+                seconds, mem = time_and_memory(run, inputs, device, reps)
+                results[(label, N, method)] = (seconds, mem)
+            naive_mem = results[(label, N, "naive")][1]
+            for method in methods:
+                seconds, mem = results[(label, N, method)]
+                ratio = f"{naive_mem / mem:.1f}x" if isinstance(mem, int) and isinstance(naive_mem, int) else "-"
+                tflops = 8 * N * d * V / seconds / 1e12 if seconds else None
+                print(f"{label + f' d{d} V{V}':<18}{N:>7} {method:<7}"
+                      f"{(f'{seconds * 1e3:,.1f}' if seconds else 'OOM'):>12}{fmt_mem(mem):>14}{ratio:>10}"
+                      f"{(f'{tflops:.2f}' if tflops else '-'):>9}{(f'{tflops / ceiling:.0%}' if tflops else '-'):>11}")
+            del inputs
+        print(f"{'':<18}matmul ceiling ({dtype}, N={min(token_counts[-1], 16384)}): {ceiling:.2f} TFLOP/s")
+    if device == "cuda":   # the issue's goals, checked on what was measured
+        rho, ds = shapes[0][0], shapes[1][0]
+
+        def mem_ratio(label, N):
+            n, o = results[(label, N, "naive")][1], results[(label, N, "ours")][1]
+            return n / o if isinstance(n, int) and isinstance(o, int) else None
+        for label, N, goal in [(rho, 16384, 10), (ds, 16384, 10), (ds, 65536, 20)]:
+            r = mem_ratio(label, N)
+            print(f"goal: {label} N={N} peak memory >= {goal}x below naive: "
+                  + (f"{r:.1f}x {'MET' if r >= goal else 'NOT MET'}" if r else "naive OOM, ratio not measured"))
+        for label, _, _ in shapes:
+            for N in token_counts:
+                o, n = results[(label, N, "ours")][0], results[(label, N, "naive")][0]
+                print(f"goal: {label} N={N} ours no slower than naive: "
+                      + (f"{n / o:.2f}x {'MET' if o <= n else 'NOT MET'}" if o and n else "not measured"))
+        best = max((8 * N * shapes[1][1] * shapes[1][2] / results[(ds, N, "ours")][0] / 1e12)
+                   for N in token_counts if results[(ds, N, "ours")][0])
+        print(f"goal: {ds} >= 400 TFLOP/s: best {best:.0f} {'MET' if best >= 400 else 'NOT MET'}")
+
+
+if __name__ == "__main__":
+    main()

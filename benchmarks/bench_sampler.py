@@ -1,0 +1,200 @@
+"""Benchmark: kernels_sampler.sample_continuations vs transformers generate(num_return_sequences=K)
+on the VinePPO MC-rollout workload (states s_0..s_{n-1} of sampled responses, K continuations each,
+EOS suppressed so every continuation has max_new_tokens tokens).
+
+    python benchmarks/bench_sampler.py            # CPU rows (+ GPU rows when CUDA is available)
+    python benchmarks/bench_sampler.py --gpu      # GPU rows only (fails if there is no GPU)
+    python benchmarks/bench_sampler.py --cpu      # CPU rows only
+
+CPU rows: the demo's model (Llama, 2 layers, d 96) and a small Llama (4 layers, d 256), demo-shaped
+workload; reported as ratios ours / generate of new tokens/s and of prefill tokens computed.
+GPU rows: randomly initialised RhoMath-1.1B-shaped Llama (22 layers, d 2048, 4 KV heads, vocab 32000)
+and DeepSeekMath-7B-shaped Llama (30 layers, d 4096, 32 KV heads, vocab 102400), bf16, the paper's
+workload shape (prompt 256, response 512 in 8 steps, K=9, continuations of 512 tokens); ours runs a
+slice of 64 prompts x 8 responses sized to the time budget, generate a smaller slice (tokens/s are
+per-token rates, so slices of one workload compare). Roofline: bytes one of our decode steps must read
+(weights + the KV it attends over, the shared prefix once per nest) at the measured copy bandwidth.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import kernels_sampler as ks  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+
+def workload(n_prompts, n_resp, prompt_len, resp_len, n_steps, vocab, seed=0):
+    """States of the MC phase: for each response, prompt + its first i steps, i = 0..n_steps-1
+    (s_0 = the prompt, shared by the n_resp responses of a prompt; deduplicated as vineppo does)."""
+    g = torch.Generator().manual_seed(seed)
+    states = []
+    for _ in range(n_prompts):
+        prompt = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
+        states.append(prompt)
+        for _ in range(n_resp):
+            resp = torch.randint(3, vocab, (resp_len,), generator=g).tolist()
+            cuts = [round(resp_len * i / n_steps) for i in range(1, n_steps)]
+            states += [prompt + resp[:c] for c in cuts]
+    return states
+
+
+def run_ours(model, states, K, T, temperature=0.6, top_p=0.9):
+    for key in ks.STATS:
+        ks.STATS[key] = 0
+    sync()
+    t0 = time.perf_counter()
+    toks, _ = ks.sample_continuations(model, states, k=K, max_new_tokens=T, temperature=temperature, top_p=top_p)
+    sync()
+    dt = time.perf_counter() - t0
+    n_new = sum(len(r) for rows in toks for r in rows)
+    assert n_new == len(states) * K * T, "EOS is suppressed: every continuation must have T tokens"
+    return dict(seconds=dt, new=n_new, prefill=ks.STATS["prefill_tokens"], stats=dict(ks.STATS))
+
+
+def run_generate(model, states, K, T, batch_states, static=False, temperature=0.6, top_p=0.9):
+    """transformers' generate: left-padded batches of states, num_return_sequences=K (each state is copied
+    K times and each copy prefilled). Returns the same fields; prefill counts the padded tokens computed."""
+    dev = next(model.parameters()).device
+    n_new = prefill = 0
+    sync()
+    t0 = time.perf_counter()
+    for lo in range(0, len(states), batch_states):
+        chunk = states[lo:lo + batch_states]
+        L = max(map(len, chunk))
+        ids = torch.zeros(len(chunk), L, dtype=torch.long, device=dev)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(chunk):
+            ids[i, L - len(s):] = torch.tensor(s)
+            mask[i, L - len(s):] = 1
+        kw = dict(cache_implementation="static") if static else {}
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                             top_p=top_p, top_k=0, num_return_sequences=K, max_new_tokens=T, min_new_tokens=T,
+                             eos_token_id=None, pad_token_id=0, **kw)
+        n_new += out[:, L:].numel()
+        prefill += len(chunk) * K * L
+    sync()
+    return dict(seconds=time.perf_counter() - t0, new=n_new, prefill=prefill)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_llama(layers, d, heads, kv_heads, vocab, inter, max_pos, dtype=torch.float32, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def cpu_rows(args):
+    torch.set_num_threads(args.threads)
+    # Demo-shaped workload: 32 prompts of 12 tokens x 4 responses of 40 tokens in 4 steps -> 416 states,
+    # K = 4 continuations of 40 tokens (the demo's ~410 states x 4 rollouts).
+    states = workload(32, 4, 12, 40, 4, vocab=32)
+    K, T = 4, 40
+    print(f"CPU ({torch.get_num_threads()} threads): {len(states)} states x K={K}, {T} new tokens each, "
+          f"prefixes {min(map(len, states))}-{max(map(len, states))} tokens")
+    print(f"{'model':<28}{'method':<24}{'s':>7}{'new tok/s':>11}{'prefill tok':>13}")
+    for name, model in [("demo Llama 2L d96 V32", make_llama(2, 96, 4, 4, 32, 384, 256)),
+                        ("small Llama 4L d256 V32", make_llama(4, 256, 4, 4, 32, 1024, 256))]:
+        with torch.no_grad():
+            run_ours(model, states[:8], K, 4)  # warm-up
+        ours = run_ours(model, states, K, T)
+        gen = run_generate(model, states, K, T, batch_states=len(states))
+        for label, r in [("ours", ours), ("generate(nrs=K)", gen)]:
+            print(f"{name:<28}{label:<24}{r['seconds']:>7.2f}{r['new'] / r['seconds']:>11.0f}{r['prefill']:>13}")
+        print(f"{name:<28}{'ratio ours/generate':<24}{'':>7}{(ours['new'] / ours['seconds']) / (gen['new'] / gen['seconds']):>10.1f}x"
+              f"{gen['prefill'] / ours['prefill']:>12.1f}x less")
+
+
+def bandwidth_gbs():
+    x = torch.empty(2 ** 28, dtype=torch.uint8, device="cuda")  # 256 MiB, read + written per copy
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    sync()
+    return 2 * x.numel() * 20 / (time.perf_counter() - t0) / 1e9
+
+
+def gpu_rows(args):
+    bw = bandwidth_gbs()
+    name = torch.cuda.get_device_name()
+    print(f"GPU {name}: measured copy bandwidth {bw:.0f} GB/s; bf16; T=0.6 top_p=0.9; EOS suppressed")
+    print(f"{'model':<16}{'method':<22}{'states':>7}{'rows':>7}{'s':>8}{'new tok/s':>11}{'vs eager':>9}{'roofline':>9}")
+    configs = [("RhoMath-1.1B", dict(layers=22, d=2048, heads=32, kv_heads=4, vocab=32000, inter=5632, max_pos=2048),
+                args.ours_prompts_1b, 1),
+               ("DeepSeekMath-7B", dict(layers=30, d=4096, heads=32, kv_heads=32, vocab=102400, inter=11008, max_pos=4096),
+                args.ours_prompts_7b, 1)]
+    K, T = 9, args.new_tokens
+    for label, cfg, ours_prompts, gen_prompts in configs:
+        free = torch.cuda.mem_get_info()[0]
+        params = 2 * (cfg["vocab"] * cfg["d"] * 2 + cfg["layers"] * (4 * cfg["d"] ** 2 + 3 * cfg["d"] * cfg["inter"]))
+        if params > 0.6 * free:
+            print(f"{label:<16}skipped: {params / 2**30:.0f} GiB of weights, {free / 2**30:.0f} GiB free")
+            continue
+        model = make_llama(**cfg, dtype=torch.bfloat16, device="cuda")
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        kv_tok = 2 * cfg["layers"] * cfg["kv_heads"] * (cfg["d"] // cfg["heads"]) * 2
+        states = workload(ours_prompts, 8, 256, 512, 8, cfg["vocab"])
+        run_ours(model, states[:9], K, 8)  # warm-up: Triton compile, CUDA graph path
+        ours = run_ours(model, states, K, T)
+        st = ours["stats"]
+        roof_s = (st["steps"] * weight_bytes + st["kv_read_tokens"] * kv_tok) / (bw * 1e9)
+        gstates = workload(gen_prompts, 8, 256, 512, 8, cfg["vocab"], seed=1)[:args.gen_states]
+        rows = [("ours", ours, len(states))]
+        eager = run_generate(model, gstates, K, T, batch_states=args.gen_batch)
+        rows.append(("generate eager", eager, len(gstates)))
+        try:
+            rows.append(("generate static", run_generate(model, gstates, K, T, batch_states=args.gen_batch,
+                                                          static=True), len(gstates)))
+        except Exception as e:  # noqa: BLE001
+            print(f"{label:<16}generate static failed: {e!r}"[:200])
+        e_rate = eager["new"] / eager["seconds"]
+        for method, r, n in rows:
+            rate = r["new"] / r["seconds"]
+            roof = f"{roof_s / r['seconds']:>8.0%}" if method == "ours" else ""
+            print(f"{label:<16}{method:<22}{n:>7}{n * K:>7}{r['seconds']:>8.1f}{rate:>11.0f}{rate / e_rate:>8.1f}x{roof:>9}")
+        print(f"{label:<16}prefill tokens: ours {ours['prefill']} for {len(states)} states; generate "
+              f"{eager['prefill']} for {len(gstates)} states ({eager['prefill'] / len(gstates) / (ours['prefill'] / len(states)):.0f}x per state)")
+        del model
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", action="store_true", help="GPU rows only")
+    ap.add_argument("--cpu", action="store_true", help="CPU rows only")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--new-tokens", type=int, default=512, help="GPU: continuation length")
+    ap.add_argument("--ours-prompts-1b", type=int, default=8, help="GPU: prompts (x8 responses x8 states) for ours, 1.1B")
+    ap.add_argument("--ours-prompts-7b", type=int, default=1, help="GPU: prompts for ours, 7B")
+    ap.add_argument("--gen-states", type=int, default=32, help="GPU: states given to generate")
+    ap.add_argument("--gen-batch", type=int, default=32, help="GPU: states per generate call")
+    args = ap.parse_args()
+    with torch.no_grad():
+        if not args.gpu:
+            cpu_rows(args)
+        if args.gpu or (not args.cpu and torch.cuda.is_available()):
+            assert torch.cuda.is_available(), "--gpu needs a CUDA device"
+            gpu_rows(args)
+        elif not args.cpu:
+            print("GPU rows: no CUDA device here; run `python benchmarks/bench_sampler.py --gpu` on a GPU machine.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Test-wide environment: set before torch/triton/transformers are imported anywhere.
+
+TRITON_INTERPRET=1 runs the Triton kernels on the CPU (it must be set before `import triton`);
+the HF_*_OFFLINE flags make a hub lookup fail at once instead of after a 23-46 s network timeout.
+"""
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+ASCII = "".join(chr(c) for c in range(32, 127)) + "\n"
+
+
+def save_random_model(folder, arch="llama", alphabet=ASCII, seed=0, layers=2, width=64):
+    """A randomly initialised small model of a real architecture with a character tokenizer, saved
+    like a Hub checkpoint: what `--model <folder>` loads on this offline machine."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    import vineppo
+
+    tok = vineppo.build_char_tokenizer(alphabet)
+    common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=layers, n_head=4, n_positions=512, **common))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """A private $XDG_CACHE_HOME with the demo's SFT model trained once (briefly) for the session."""
+    cache = tmp_path_factory.mktemp("xdg_cache")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old

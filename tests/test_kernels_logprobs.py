@@ -1,0 +1,240 @@
+"""kernels.py section 1: fused log-probs / entropy / PPO loss against a float64 oracle.
+
+The Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1); shapes are kept small
+because the interpreter costs ~milliseconds per tile operation. Interpreter tile: 64 rows x 512 vocab
+x 128 hidden, so the ragged shapes below cross every tile edge.
+"""
+import pytest
+import torch
+
+import kernels as K
+from benchmarks.bench_logprobs import cpu_peak_extra_bytes, naive_logprobs
+
+# (N, d, V): tile-aligned small shape; N=1; ragged rows (2 row tiles), odd multiple of 16 for d
+# (2 d tiles), V not a multiple of the vocabulary tile
+SHAPES = [(128, 128, 4096), (1, 48, 515), (100, 144, 1000)]
+BACKENDS = ["triton", "torch"]
+
+
+def make_inputs(N, d, V, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, d, generator=gen)                                  # [N, d]
+    weight = torch.randn(V, d, generator=gen) * (3 / d ** 0.5)                 # [V, d]: logits std ~3
+    targets = torch.randint(0, V, (N,), generator=gen)                         # [N]
+    grad_logp, grad_entropy = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    return hidden.to(dtype), weight.to(dtype), targets, grad_logp, grad_entropy
+
+
+def logprobs_and_grads(fn, hidden, weight, targets, grad_logp, grad_entropy, temperature):
+    """Run fn(hidden, weight, targets, temperature) -> (logp, entropy), backward of
+    sum(g1 logp + g2 H); returns (logp, entropy, d hidden, d weight)."""
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    logp, entropy = fn(hidden, weight, targets, temperature)
+    ((grad_logp.to(logp.dtype) * logp).sum() + (grad_entropy.to(logp.dtype) * entropy).sum()).backward()
+    return logp.detach(), entropy.detach(), hidden.grad, weight.grad
+
+
+def float64_oracle(hidden, weight, targets, grad_logp, grad_entropy, temperature):
+    return logprobs_and_grads(K.reference_logprobs, hidden.double(), weight.double(), targets,
+                              grad_logp.double(), grad_entropy.double(), temperature)
+
+
+def assert_close(actual, expected, rtol):
+    """Elementwise relative error <= rtol, with an absolute floor of rtol x the tensor's max-abs (for
+    entries near zero, e.g. dW rows of unlikely tokens)."""
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+def scaled_error(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def ours(backend):
+    return lambda h, w, t, temp: K.fused_logprobs(h, w, t, temp, backend=backend)
+
+
+@pytest.fixture
+def small_torch_chunks(monkeypatch):
+    """Make the torch fallback use 16-row chunks so that several chunks (and a ragged last one) run."""
+    def set_for_vocab(V):
+        monkeypatch.setattr(K, "TORCH_CHUNK_BYTES", 16 * 4 * V)
+    return set_for_vocab
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N, d, V", SHAPES)
+def test_fp32_forward_backward_match_float64(backend, N, d, V, small_torch_chunks):
+    small_torch_chunks(V)
+    temperature = 0.6 if N != 1 else 1.0
+    inputs = make_inputs(N, d, V)
+    got = logprobs_and_grads(ours(backend), *inputs, temperature)
+    expected = float64_oracle(*inputs, temperature)
+    for name, a, e in zip(["logp", "entropy", "d hidden", "d weight"], got, expected):
+        assert a.dtype == torch.float32, name
+        assert_close(a, e, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N, d, V", SHAPES[1:])
+def test_bf16_within_error_of_bf16_torch(backend, N, d, V, small_torch_chunks):
+    small_torch_chunks(V)
+    hidden, weight, targets, g1, g2 = make_inputs(N, d, V, torch.bfloat16, seed=1)
+    got = logprobs_and_grads(ours(backend), hidden, weight, targets, g1, g2, 0.6)
+    same_dtype_torch = logprobs_and_grads(naive_logprobs, hidden, weight, targets, g1, g2, 0.6)
+    expected = float64_oracle(hidden, weight, targets, g1, g2, 0.6)    # exact maths on the bf16 values
+    assert got[0].dtype == got[1].dtype == torch.float32
+    assert got[2].dtype == got[3].dtype == torch.bfloat16
+    for name, a, t, e in zip(["logp", "entropy", "d hidden", "d weight"], got, same_dtype_torch, expected):
+        assert scaled_error(a, e) <= scaled_error(t, e) + 1e-2, name
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3])
+def test_triton_forward_writes_every_statistic(num_splits):
+    # V=1000 is two 512-wide tiles: with 3 splits the last split covers no column and must still
+    # write its (empty) statistics, which the merge must ignore
+    N, d, V = 100, 144, 1000
+    hidden, weight, targets, _, _ = make_inputs(N, d, V, seed=2)
+    partial = torch.full((4, num_splits, N), float("nan"))                      # poison
+    logp, entropy, lse = K._triton_forward(hidden, weight, targets, 0.6, num_splits=num_splits, partial=partial)
+    assert torch.isfinite(partial).all()
+    z = (hidden.double() @ weight.double().T) / 0.6                             # [N, V]
+    assert_close(lse, torch.logsumexp(z, -1), rtol=1e-6)
+    ref_logp, ref_entropy = K.reference_logprobs(hidden.double(), weight.double(), targets, 0.6)
+    assert_close(logp, ref_logp, rtol=1e-5)
+    assert_close(entropy, ref_entropy, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_gradient_only_for_inputs_that_require_it(backend, frozen):
+    hidden, weight, targets, g1, g2 = make_inputs(65, 32, 600, seed=3)
+    hidden.requires_grad_(frozen != "hidden")
+    weight.requires_grad_(frozen != "weight")
+    logp, entropy = K.fused_logprobs(hidden, weight, targets, 0.6, backend=backend)
+    ((g1 * logp).sum() + (g2 * entropy).sum()).backward()
+    expected = float64_oracle(hidden, weight, targets, g1, g2, 0.6)
+    if frozen == "weight":
+        assert weight.grad is None
+        assert_close(hidden.grad, expected[2], rtol=1e-5)
+    else:
+        assert hidden.grad is None
+        assert_close(weight.grad, expected[3], rtol=1e-5)
+
+
+def test_auto_backend_follows_the_interpreter_flag(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert K.resolve_backend(cpu) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert K.resolve_backend(cpu) == "torch"
+    assert K.resolve_backend(cpu, "reference") == "reference"
+    with pytest.raises(AssertionError):
+        K.resolve_backend(cpu, "cuda")
+
+
+def test_torch_fallback_never_holds_the_full_logits(monkeypatch):
+    N, d, V = 1024, 32, 2048
+    full_logits_bytes = N * V * 4                                               # 8 MiB
+    monkeypatch.setattr(K, "TORCH_CHUNK_BYTES", 2**18)                          # 32-row slabs
+    hidden, weight, targets, g1, g2 = make_inputs(N, d, V, seed=4)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+
+    def run(fn):
+        hidden.grad = weight.grad = None
+        logp, entropy = fn(hidden, weight, targets, 1.0)
+        ((g1 * logp).sum() + (g2 * entropy).sum()).backward()
+    naive_peak = cpu_peak_extra_bytes(lambda: run(naive_logprobs))
+    ours_peak = cpu_peak_extra_bytes(lambda: run(ours("torch")))
+    assert naive_peak >= full_logits_bytes            # the measurement sees the naive [N, V] buffers
+    assert ours_peak < full_logits_bytes / 4          # slabs (256 KiB each) + dW, dX: < 1 MiB
+
+
+# ----------------------------------------------------------------------------- PPO loss
+PPO_SHAPE = (48, 64, 700)
+PPO_KW = dict(temperature=0.6, clip_eps=0.2)
+
+
+def ppo_inputs(seed=5):
+    hidden, weight, targets, _, _ = make_inputs(*PPO_SHAPE, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    N = PPO_SHAPE[0]
+    logp, _ = K.reference_logprobs(hidden.double(), weight.double(), targets, 0.6)
+    # log-ratios spread over [-0.6, 0.6], kept 1e-3 away from the clip edges log(1 -+ 0.2) so that
+    # fp32 and fp64 agree on which branch is active
+    log_ratio = torch.empty(N).uniform_(-0.6, 0.6, generator=gen).double()
+    for edge in (torch.log(torch.tensor(0.8)), torch.log(torch.tensor(1.2))):
+        near = (log_ratio - edge).abs() < 1e-3
+        log_ratio[near] += 3e-3
+    old_logp = (logp - log_ratio).float()
+    ref_logp = (logp + torch.randn(N, generator=gen) * 0.5).float()
+    ref_logp[:3] = logp[:3].float() + 15.0                                      # k3 > 10: clamped, no gradient
+    advantages = torch.randn(N, generator=gen)
+    advantages[3:6] = 0.0
+    return hidden, weight, targets, old_logp, ref_logp, advantages
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ppo_loss_matches_float64_spec(backend):
+    hidden, weight, targets, old_logp, ref_logp, advantages = ppo_inputs()
+    counts = dict(kl_coef=0.1, entropy_coef=0.01, n_tokens=PPO_SHAPE[0] + 7, n_seqs=5)   # mini-batch > micro-batch
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, stats = K.ppo_loss(h, w, targets, old_logp, ref_logp, advantages, **PPO_KW, **counts, backend=backend)
+    loss.backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref_loss = K.reference_ppo_loss(h64, w64, targets, old_logp.double(), ref_logp.double(), advantages.double(),
+                                    **PPO_KW, **counts)
+    ref_loss.backward()
+    assert_close(loss.detach(), ref_loss.detach(), rtol=1e-5)
+    assert_close(h.grad, h64.grad, rtol=1e-5)
+    assert_close(w.grad, w64.grad, rtol=1e-5)
+
+    logp, entropy = K.reference_logprobs(hidden.double(), weight.double(), targets, 0.6)
+    ratio = torch.exp(logp - old_logp.double())
+    kl = (torch.exp(ref_logp.double() - logp) - (ref_logp.double() - logp) - 1).clamp(0, 10)
+    clipped = ((advantages > 0) & (ratio > 1.2)) | ((advantages < 0) & (ratio < 0.8))
+    assert 0 < clipped.sum() < len(clipped) and (kl == 10).sum() == 3       # the inputs exercise both branches
+    for name, expected in dict(logp=logp, ratio=ratio, kl=kl, entropy=entropy).items():
+        assert not stats[name].requires_grad and stats[name].dtype == torch.float32, name
+        assert_close(stats[name], expected, rtol=1e-5)
+    assert torch.equal(stats["clipped"], clipped)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ppo_gradient_at_ratio_one_is_advantage_weighted_logp_gradient(backend):
+    hidden, weight, targets, _, _, advantages = ppo_inputs(seed=6)
+    n_tokens = 100
+    with torch.no_grad():
+        old_logp, _ = K.fused_logprobs(hidden, weight, targets, 0.6, backend=backend)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, stats = K.ppo_loss(h, w, targets, old_logp, None, advantages, **PPO_KW, kl_coef=0.0,
+                             n_tokens=n_tokens, n_seqs=4, backend=backend)
+    loss.backward()
+    assert torch.equal(stats["ratio"], torch.ones_like(stats["ratio"])) and not stats["clipped"].any()
+    assert torch.equal(stats["kl"], torch.zeros_like(stats["kl"]))
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    logp64, _ = K.reference_logprobs(h64, w64, targets, 0.6)
+    (-(advantages.double() * logp64).sum() / n_tokens).backward()
+    assert_close(loss.detach(), -(advantages.double() * 1.0).sum() / n_tokens, rtol=1e-6)
+    assert_close(h.grad, h64.grad, rtol=1e-5)
+    assert_close(w.grad, w64.grad, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clipped_tokens_get_exactly_zero_gradient(backend):
+    hidden, weight, targets, old_logp, _, advantages = ppo_inputs(seed=7)
+    h = hidden.clone().requires_grad_()
+    loss, stats = K.ppo_loss(h, weight, targets, old_logp, None, advantages, **PPO_KW, kl_coef=0.0,
+                             n_tokens=48, n_seqs=4, backend=backend)
+    loss.backward()
+    row_has_grad = h.grad.abs().sum(1) > 0                                     # row t depends only on token t
+    assert stats["clipped"].any()
+    assert torch.equal(row_has_grad, ~stats["clipped"] & (advantages != 0))
+
+
+def test_kl_needs_reference_logprobs():
+    hidden, weight, targets, old_logp, _, advantages = ppo_inputs()
+    with pytest.raises(AssertionError):
+        K.ppo_loss(hidden, weight, targets, old_logp, None, advantages, **PPO_KW, kl_coef=1e-4,
+                   n_tokens=48, n_seqs=4, backend="torch")

@@ -1,0 +1,220 @@
+"""Tests of kernels_sampler.sample_continuations on randomly initialised tiny models (CPU).
+
+Greedy continuations must equal transformers' own greedy generate token for token (Llama, Qwen2,
+GPT-2; prefixes of different lengths, nested and duplicated, in one batch); sampling must follow
+softmax(logits / T) after top-p truncation (chi-square); EOS / stop strings / max_new_tokens must end
+rows exactly where they should.
+"""
+import math
+
+import pytest
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+import kernels_sampler as ks
+
+V = 24
+
+
+def _llama(seed=0, vocab=V):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None, initializer_range=0.1)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _qwen2(seed=0):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None, initializer_range=0.1)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def _gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                     bos_token_id=None, eos_token_id=None, pad_token_id=None, initializer_range=0.1)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _hf_greedy(model, prefix, n, eos=None):
+    out = model.generate(torch.tensor([prefix]), attention_mask=torch.ones(1, len(prefix), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prefix):].tolist()
+
+
+# Different lengths, nests (A ⊂ B ⊂ C), a duplicate, a length-1 prefix, an unrelated one.
+PREFIXES = [[3, 1, 4, 1, 5], [3, 1, 4, 1, 5, 9, 2, 6], [7], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7],
+            [3, 1, 4, 1, 5], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9, 0, 4, 5, 2, 3, 5, 3, 6]]
+
+
+def test_nest_leaders():
+    lead = ks._nest_leaders([[1, 2], [1, 2, 3], [1, 3], [1], [1, 2, 3], [2], [1, 2, 4, 5]])
+    assert lead[(1, 2, 3)] == (1, 2, 3) and lead[(1, 3)] == (1, 3) and lead[(2,)] == (2,)
+    assert lead[(1, 2, 4, 5)] == (1, 2, 4, 5)
+    assert lead[(1, 2)] in [(1, 2, 3), (1, 2, 4, 5)] and lead[(1,)][:1] == (1,)  # rides on a longer nest
+    assert len(set(lead.values())) == 4
+
+
+@pytest.mark.parametrize("make", [_llama, _qwen2, _gpt2], ids=["llama", "qwen2", "gpt2"])
+def test_greedy_equals_hf_generate(make):
+    model = make()
+    toks, fin = ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=12, temperature=0)
+    for p, rows, f in zip(PREFIXES, toks, fin):
+        ref = _hf_greedy(model, p, 12)
+        assert rows == [ref, ref] and f == [False, False]
+        assert all(type(x) is int for x in rows[0])
+
+
+def test_greedy_small_batches_and_split_nests():
+    """A tiny KV budget forces one batch per row (nests split across batches): same answers."""
+    model = _llama(1)
+    toks, _ = ks.sample_continuations(model, PREFIXES, k=3, max_new_tokens=8, temperature=0, max_batch_tokens=12)
+    assert toks == [[_hf_greedy(model, p, 8)] * 3 for p in PREFIXES]
+
+
+def test_greedy_triton_backend_interpreted():
+    """The GPU attention path (Triton kernel, run by the interpreter here) gives the same greedy tokens."""
+    pytest.importorskip("triton")
+    model = _llama(2)
+    prefixes = PREFIXES[:4]
+    try:
+        ks.ATTENTION_BACKEND = "triton"
+        toks, _ = ks.sample_continuations(model, prefixes, k=2, max_new_tokens=3, temperature=0)
+    finally:
+        ks.ATTENTION_BACKEND = "auto"
+    assert toks == [[_hf_greedy(model, p, 3)] * 2 for p in prefixes]
+
+
+def test_partial_attention_kernel_matches_torch():
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 20, 16), torch.randn(3, 40, 16), torch.randn(3, 40, 16)
+    lens = torch.randint(0, 41, (3, 20), dtype=torch.int32)
+    lens[0, 0] = 0  # a query with an empty prefix: output 0, lse -inf
+    o1, l1 = ks._partial_attention_torch(q, k, v, lens, 0.25)
+    o2, l2 = ks._partial_attention_triton(q, k, v, lens, 0.25, 1)
+    assert torch.allclose(o1, o2, atol=1e-5) and torch.equal(torch.isinf(l1), torch.isinf(l2))
+    assert torch.allclose(l1[~torch.isinf(l1)], l2[~torch.isinf(l2)], atol=1e-5)
+
+
+def test_eos_ends_rows_exactly_with_compaction():
+    """Rows of different prefixes hit EOS at different steps, so finished rows get compacted out while
+    several groups are still running; every row equals HF greedy generate with the same EOS, EOS included."""
+    model = _llama(3)
+    prefixes = [[i, (3 * i) % V, (5 * i + 1) % V] + [(7 * i) % V] * (i % 4) for i in range(1, 13)]
+    refs = [_hf_greedy(model, p, 20) for p in prefixes]
+
+    def first(r, eos):  # index of the first EOS in a reference continuation (99: none)
+        return min([r.index(e) for e in eos if e in r] + [99])
+
+    def split(eos):  # (rows ending by step 8, rows running past step 12)
+        return sum(first(r, eos) < 8 for r in refs), sum(first(r, eos) > 12 for r in refs)
+    eos = max(([a, b] for a in range(V) for b in range(a + 1, V)), key=lambda e: min(split(e)[0] - 5, split(e)[1]))
+    assert split(eos)[0] >= 7 and split(eos)[1] >= 2  # > 40% of rows end early (compaction), some run on
+    ks.STATS["compactions"] = 0
+    toks, fin = ks.sample_continuations(model, prefixes, k=2, max_new_tokens=20, temperature=0, eos_token_ids=eos)
+    assert ks.STATS["compactions"] >= 1
+    for p, rows, f, r in zip(prefixes, toks, fin, refs):
+        exp = r[:first(r, eos) + 1]
+        assert rows == [exp, exp] and f == [first(r, eos) < 99] * 2
+        assert rows[0] == _hf_greedy(model, p, 20, eos=eos)
+
+
+def _char_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    chars = ["<unk>"] + list("abcdefghijklmnopqrstu\n:")[:V - 1]
+    tk = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, model_input_names=["input_ids", "attention_mask"])
+
+
+def test_stop_strings_cut_exactly():
+    tok, model = _char_tokenizer(), _llama(4)
+    prefix = [5, 6, 7]
+    ref = _hf_greedy(model, prefix, 24)
+    text = tok.decode(ref)
+    stop = text[7:9]  # a 2-character string the greedy continuation contains
+    cut = next(e for e in range(1, 25) if stop in tok.decode(ref[:e]))
+    toks, fin = ks.sample_continuations(model, [prefix, [9]], k=2, max_new_tokens=24, temperature=0,
+                                        stop=(tok, [stop, "never-there"]))
+    assert toks[0] == [ref[:cut]] * 2 and fin[0] == [True, True]
+    other = _hf_greedy(model, [9], 24)
+    oc = next((e for e in range(1, 25) if stop in tok.decode(other[:e])), None)
+    assert toks[1][0] == (other[:oc] if oc else other) and fin[1][0] == (oc is not None)
+
+
+def test_sampled_rows_respect_stop_eos_and_max_new():
+    tok, model = _char_tokenizer(), _llama(5)
+    torch.manual_seed(0)
+    stops, eos, n = ["ab", "c\n"], 3, 15
+    toks, fin = ks.sample_continuations(model, PREFIXES, k=6, max_new_tokens=n, temperature=1.0, top_p=0.95,
+                                        stop=(tok, stops), eos_token_ids=[eos])
+    n_fin = 0
+    for rows, fs in zip(toks, fin):
+        for r, f in zip(rows, fs):
+            assert 1 <= len(r) <= n
+            text, before = tok.decode(r), tok.decode(r[:-1])
+            assert eos not in r[:-1] and not any(s in before for s in stops)  # nothing ended too late
+            if f:
+                n_fin += 1
+                assert r[-1] == eos or any(s in text for s in stops)
+            else:
+                assert len(r) == n and eos not in r and not any(s in text for s in stops)
+    assert n_fin > 5
+
+
+def test_seed_determinism():
+    model = _llama(6)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(ks.sample_continuations(model, PREFIXES, k=3, max_new_tokens=6, temperature=0.8, top_p=0.9))
+    assert runs[0] == runs[1]
+
+
+def _chi2_sf(x, df):
+    """Upper tail of chi-square (Wilson-Hilferty normal approximation; fine for df >= 3)."""
+    z = ((x / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8)])
+def test_sampling_distribution_chi_square(temperature, top_p):
+    """Next-token frequencies at a fixed state (first and second generated token) against
+    softmax(logits / T) after top-p truncation."""
+    torch.manual_seed(7)
+    model = _llama(7, vocab=16)
+    prefix, n = [1, 2, 3, 4, 5], 20000
+    torch.manual_seed(0)
+    toks, _ = ks.sample_continuations(model, [prefix], k=n, max_new_tokens=2, temperature=temperature, top_p=top_p)
+    first = torch.tensor([r[0] for r in toks[0]])
+    mode = int(first.mode().values)
+    seconds = torch.tensor([r[1] for r in toks[0] if r[0] == mode])
+    for ctx, draws in [(prefix, first), (prefix + [mode], seconds)]:
+        with torch.no_grad():
+            p = torch.softmax(model(torch.tensor([ctx])).logits[0, -1].double() / temperature, -1)
+        sp, si = p.sort(descending=True)
+        keep = si[(sp.cumsum(0) - sp) < top_p]
+        expected = torch.zeros_like(p)
+        expected[keep] = p[keep] / p[keep].sum()
+        counts = torch.bincount(draws, minlength=16).double()
+        assert counts[expected == 0].sum() == 0, "a token outside the top-p set was drawn"
+        if top_p < 1:
+            assert (expected == 0).any(), "test should exercise truncation"
+        e = expected[expected > 0] * len(draws)
+        chi2 = float(((counts[expected > 0] - e) ** 2 / e).sum())
+        df = int((expected > 0).sum()) - 1
+        assert df >= 2 and _chi2_sf(chi2, df) > 1e-3, (chi2, df)
+
+
+def test_edge_cases_and_length_assert():
+    model = _llama(8)
+    assert ks.sample_continuations(model, [[1, 2]], k=2, max_new_tokens=0) == ([[[], []]], [[False, False]])
+    assert ks.sample_continuations(model, [], k=2, max_new_tokens=4) == ([], [])
+    with pytest.raises(AssertionError, match="positions"):
+        ks.sample_continuations(model, [[1] * 100], k=1, max_new_tokens=29)

@@ -1,0 +1,150 @@
+"""Tasks, grading, step splitting and the token -> step map (vineppo.py sections 2-3)."""
+import random
+
+import pytest
+
+import vineppo as vp
+
+GSM8K_SOLUTION = (
+    "\nNatalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n"
+    "#### 72"
+)
+
+MATH_SOLUTION = (
+    "\nWe have $x = 3.5$ and $y = 1.25$. So the sum is $x+y$.\n"
+    "Then\n$$\na^2 + b^2 = c^2.\nThus c = 5.\n$$\n"
+    "Multiplying out, we find that the product \\(p = 2.5 \\cdot 4\\) equals ten, and that the remaining factor, "
+    "which we call $q$, must satisfy $q = 7$, so therefore the final answer is $\\boxed{\\frac{1}{2}}$."
+)
+
+
+# ---------------------------------------------------------------- steps
+def test_gsm8k_steps_one_per_line_answer_glued_to_last():
+    steps = vp.split_steps(GSM8K_SOLUTION, "gsm8k")
+    assert steps == [
+        "\nNatalia sold 48/2 = <<48/2=24>>24 clips in May.\n",        # leading "\n" joins the first step
+        "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72",
+    ]
+
+
+def test_line_steps_blank_lines_join_previous_step():
+    assert vp.split_steps("a\n\nb\n#### 3", "arith") == ["a\n\n", "b\n#### 3"]
+    assert vp.split_steps("", "arith") == [""]
+    assert vp.split_steps("#### 5", "gsm8k") == ["#### 5"]
+
+
+def test_arith_solution_steps():
+    row = vp.make_arith_problem(random.Random(3))
+    steps = vp.split_steps(row["solution"], "arith")
+    assert len(steps) == row["problem"].count("+") + row["problem"].count("-") + row["problem"].count("*")
+    assert steps[-1].endswith(f"#### {row['answer']}")
+
+
+def _inside(text, start, end, pos):
+    return start < pos < end
+
+
+def test_math_steps_never_split_inside_math():
+    steps = vp.split_steps(MATH_SOLUTION, "math")
+    assert "".join(steps) == MATH_SOLUTION
+    cuts, pos = [], 0
+    for s in steps[:-1]:
+        pos += len(s)
+        cuts.append(pos)
+    # the periods and newlines inside $..$, $$..$$ and \(..\) never become step boundaries
+    spans = [(m.start(), m.end()) for m in vp.MATH_SPAN.finditer(MATH_SOLUTION)]
+    inline = [(a, b) for a, b in spans if not MATH_SOLUTION[a:b].startswith("$$")]
+    assert all(not _inside(MATH_SOLUTION, a, b, c) for c in cuts for a, b in inline)
+    display = MATH_SOLUTION.index("$$\na^2")
+    assert not any(display < c < MATH_SOLUTION.index("5.\n$$") + 4 for c in cuts)  # short display block: whole
+    assert len(steps) >= 3
+    assert all(len(s.strip()) >= 20 for s in steps[:-1])       # short pieces were merged
+    long_sentence = [s for s in steps if "Multiplying" in s or "remaining factor" in s]
+    assert len(long_sentence) >= 2                              # the >100-character sentence was bisected
+    assert all(len(s) <= 100 for s in long_sentence)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_concatenation_invariant_random_text(seed):
+    rng = random.Random(seed)
+    alphabet = ["a", "b", " ", ".", "\n", "$", "\\(", "\\)", "$$", ",", "=", "####", "\\\\", "\\[", "\\]", "and "]
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
+    for task in ("gsm8k", "math", "arith"):
+        assert "".join(vp.split_steps(text, task)) == text
+
+
+# ---------------------------------------------------------------- token -> step
+def test_token_step_map_with_tokens_crossing_step_boundaries():
+    # tokens: "x=1" "\ny" "=2\n" "##" "## 2" <eos>; steps: "x=1\n" | "y=2\n#### 2"
+    pieces = ["x=1", "\ny", "=2\n", "##", "## 2", ""]
+    decode = lambda ids: "".join(pieces[i] for i in ids)
+    ids = list(range(len(pieces)))
+    text = decode(ids)
+    steps = vp.split_steps(text, "gsm8k")
+    assert steps == ["x=1\n", "y=2\n#### 2"]
+    starts = vp.step_token_starts(ids, steps, decode)
+    # "\ny" starts with the "\n" of step 0, so it belongs to step 0; step 1 starts at "=2\n"
+    assert starts == [0, 2]
+    assert vp.token_steps(starts, len(ids)).tolist() == [0, 0, 1, 1, 1, 1]   # EOS -> last step
+
+
+def test_token_step_map_with_a_step_without_own_token():
+    pieces = ["a\nb\n", "c"]            # step "b\n" starts inside the first token: it owns no token
+    decode = lambda ids: "".join(pieces[i] for i in ids)
+    steps = vp.split_steps("a\nb\nc", "arith")
+    starts = vp.step_token_starts([0, 1], steps, decode)
+    assert starts == [0, 1, 1]
+    assert vp.token_steps(starts, 2).tolist() == [0, 2]
+
+
+def test_token_step_map_char_tokenizer_every_token_in_its_step():
+    tok = vp.build_char_tokenizer()
+    row = vp.make_arith_problem(random.Random(0))
+    ids = tok(row["solution"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+    dec = lambda x: vp.decode(tok, x)
+    steps = vp.split_steps(dec(ids), "arith")
+    step_of = vp.token_steps(vp.step_token_starts(ids, steps, dec), len(ids)).tolist()
+    owner = [j for j, s in enumerate(steps) for _ in s] + [len(steps) - 1]
+    assert step_of == owner
+
+
+# ---------------------------------------------------------------- grading
+@pytest.mark.parametrize("response,gold,task,expected", [
+    ("1+2=3\n#### 3", "3", "arith", True),
+    ("1+2=3\n#### 4", "3", "arith", False),
+    ("no answer line", "3", "arith", False),
+    ("so 1,000 in all\n#### 1,000", "1000", "gsm8k", True),        # thousands separator
+    ("#### 72.0", "72", "gsm8k", True),                             # numeric equality (authors: string)
+    ("#### $18", "18", "gsm8k", True),
+    ("#### 18\n\n\nProblem: next one #### 5", "18", "gsm8k", True),  # stop string cut before grading
+    ("#### 17", "18", "gsm8k", False),
+    ("#### ", "18", "gsm8k", False),
+    ("the answer is $\\boxed{0.5}$", "\\frac{1}{2}", "math", True),  # decimal vs fraction
+    ("$\\boxed{\\frac12}$", "\\frac{1}{2}", "math", True),
+    ("$\\boxed{\\dfrac{1}{2}}$", "0.5", "math", True),
+    ("$\\boxed{1,000}$", "1000", "math", True),
+    ("$\\boxed{3}$", "\\frac{1}{2}", "math", False),
+    ("the answer is 1/2", "\\frac{1}{2}", "math", False),           # not boxed: no answer
+    ("$\\boxed{x}$ then $\\boxed{\\sqrt{2}}$", "\\sqrt 2", "math", True),   # the last box counts
+    ("$\\boxed{\\}{}$", "\\}{", "math", False),                     # gold that does not parse never scores
+    ("$\\boxed{ \\mathrm{x}}{}$", "\\mathrm{}}{", "math", False),
+])
+def test_grade(response, gold, task, expected):
+    assert vp.grade(response, gold, task) is expected
+
+
+def test_last_boxed_nested_braces():
+    assert vp.last_boxed("a \\boxed{\\frac{1}{\\sqrt{2}}} b") == "\\frac{1}{\\sqrt{2}}"
+    assert vp.last_boxed("\\boxed{1} and \\fbox{2}") == "2"
+    assert vp.last_boxed("no box") is None
+
+
+def test_arith_splits_are_disjoint_and_seeded():
+    test = vp.load_problems("arith", "test")
+    train = vp.load_problems("arith", "train")
+    assert len(test) == 1000 and len(train) > 19000
+    assert not {r["problem"] for r in test} & {r["problem"] for r in train}
+    assert vp.load_problems("arith", "test") == test
+    for row in test[:50]:   # every gold answer is what its solution computes
+        assert vp.grade(row["solution"], row["answer"], "arith")

@@ -1,0 +1,142 @@
+"""End to end: the demo learns, resume is exact, the real-model path runs, bad flags fail cleanly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import vineppo as vp
+from conftest import save_random_model, write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--sft-steps", "150", "--prompts-per-iteration", "16", "--samples-per-prompt", "4", "--k", "2",
+         "--mini-batch", "32", "--micro-batch", "32", "--eval-problems", "20", "--eval-samples", "2", "--max-new-tokens", "48"]
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_times(records):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+def run_cli(args, env=None, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "vineppo.py"), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=ROOT, **kw)
+
+
+def test_demo_improves_train_reward(demo_cache, tmp_path):
+    args = vp.parse_args(["--out", str(tmp_path / "run"), "--iterations", "12", "--lr", "3e-4", "--eval-every", "100",
+                          "--seed", "3", *SMALL])
+    records = vp.train(args)
+    rewards = [r["train/reward"] for r in records if "train/reward" in r]
+    assert len(rewards) == 12
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.1, rewards
+    for key in ("iteration", "train/reward", "loss/kl", "loss/clipfrac", "adv/zero_frac", "mc/rollouts",
+                "time/sample", "time/mc", "time/update"):
+        assert key in records[-1], key
+    assert "eval/accuracy" in records[0] and "eval/accuracy" in records[-1]
+    assert records[-1]["mc/rollouts"] > 0 and 0 <= records[-1]["adv/zero_frac"] <= 1
+
+
+def test_resume_after_exception_is_bit_exact(demo_cache, tmp_path, monkeypatch):
+    common = ["--iterations", "3", "--save-every", "1", "--eval-every", "2", "--lr", "3e-4", *SMALL]
+    straight = vp.train(vp.parse_args(["--out", str(tmp_path / "a"), *common]))
+    # interrupted right after the checkpoint of iteration 1, with a stray metrics line of iteration 2
+    # (a kill between writing metrics and writing the checkpoint)
+    saved = []
+    real_save = vp.save_checkpoint
+
+    def save_then_die(out, iteration, *a, **kw):
+        real_save(out, iteration, *a, **kw)
+        saved.append(iteration)
+        if iteration == 1:
+            vp.log_metrics(out, {"iteration": 2, "train/reward": -1.0})
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(vp, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        vp.train(vp.parse_args(["--out", str(tmp_path / "b"), *common]))
+    monkeypatch.setattr(vp, "save_checkpoint", real_save)
+    resumed = vp.train(vp.parse_args(["--out", str(tmp_path / "b"), "--resume", *common]))
+    assert without_times(read_metrics(tmp_path / "a")) == without_times(read_metrics(tmp_path / "b"))
+    assert without_times(straight) == without_times(resumed)
+    assert os.path.isfile(tmp_path / "b" / "ckpt" / "model.safetensors")
+
+
+def test_resume_after_sigkill_is_bit_exact(demo_cache, tmp_path):
+    common = ["--iterations", "4", "--save-every", "1", "--eval-every", "2", *SMALL]
+    env = {"XDG_CACHE_HOME": str(demo_cache)}
+    assert run_cli(["--out", str(tmp_path / "a"), *common], env=env).returncode == 0
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "vineppo.py"), "--out", str(tmp_path / "b"), *common],
+                            env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:   # kill mid-run, once at least two iterations are on disk
+        time.sleep(0.2)
+        path = tmp_path / "b" / "metrics.jsonl"
+        if path.exists() and sum(1 for _ in open(path)) >= 3:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    result = run_cli(["--out", str(tmp_path / "b"), "--resume", *common], env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert without_times(read_metrics(tmp_path / "a")) == without_times(read_metrics(tmp_path / "b"))
+
+
+GSM8K_ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples?",
+               "answer": f"Tom has {a}+{b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"} for a, b in
+              [(3, 4), (10, 5), (7, 8), (1, 1), (20, 22), (6, 6)]]
+MATH_ROWS = [{"problem": "What is $\\frac{1}{2}+\\frac{1}{4}$?", "solution": "We add. The sum is $\\boxed{\\frac{3}{4}}$."},
+             {"problem": "Compute $2^3$.", "solution": "$2^3 = 8$, so the answer is $\\boxed{8}$."}]
+
+
+def test_real_model_path_llama_gsm8k_cli(tmp_path):
+    model = save_random_model(tmp_path / "llama", "llama")
+    train_file = write_jsonl(tmp_path / "train.jsonl", GSM8K_ROWS)
+    test_file = write_jsonl(tmp_path / "test.jsonl", GSM8K_ROWS[:3])
+    out = tmp_path / "run"
+    result = run_cli(["--model", model, "--task", "gsm8k", "--train-file", train_file, "--test-file", test_file,
+                      "--out", str(out), "--iterations", "2", "--k", "2", "--prompts-per-iteration", "2",
+                      "--samples-per-prompt", "2", "--max-new-tokens", "12", "--eval-problems", "2", "--eval-samples", "2",
+                      "--mini-batch", "2", "--micro-batch", "1", "--eval-every", "1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(out)
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    assert records[1]["mc/rollouts"] > 0 and records[1]["update/steps"] == 4   # 2 epochs x 2 mini-batches
+    config = json.load(open(out / "config.json"))
+    assert config["k"] == 2 and config["lr"] == 1e-6 and config["temperature"] == 0.6   # paper defaults kept
+    assert os.path.isfile(out / "ckpt" / "model.safetensors") and os.path.isfile(out / "ckpt" / "state.pt")
+
+
+@pytest.mark.parametrize("arch,advantage", [("qwen2", "vine"), ("gpt2", "critic")])
+def test_real_model_path_math_jsonl(tmp_path, arch, advantage):
+    model = save_random_model(tmp_path / arch, arch)
+    rows = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
+    args = vp.parse_args(["--model", model, "--task", "math", "--train-file", rows, "--test-file", rows,
+                          "--advantage", advantage, "--out", str(tmp_path / "run"), "--iterations", "1", "--k", "2",
+                          "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--max-new-tokens", "10",
+                          "--eval-samples", "2", "--mini-batch", "4", "--micro-batch", "2"])
+    records = vp.train(args)
+    assert records[-1]["iteration"] == 1 and "eval/accuracy" in records[-1]
+    assert records[-1]["update/steps"] == 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--k", "0"], "--k must be >= 1"),
+    (["--task", "chess"], "unknown --task"),
+    (["--model", "no-such-preset"], "is not a preset"),
+    (["--advantage", "magic"], "unknown --advantage"),
+    (["--model", "tiny", "--task", "gsm8k"], "runs --task arith only"),
+])
+def test_invalid_flags_give_one_line_error(flags, message):
+    result = run_cli(flags)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
