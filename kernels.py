@@ -13,10 +13,16 @@ Layout of the section (Triton-tutorial style):
   _logprob_fwd_kernel       @triton.jit forward: online log-sum-exp, target logit, entropy
   _logprob_bwd_kernel       @triton.jit backward: recompute a tile, dX and dW by fp32 atomics
   _triton_forward/backward  launchers with the shape asserts
-  _torch_forward/backward   chunked pure-torch fallback (CPU without TRITON_INTERPRET=1)
+  _torch_forward/backward   chunked pure-torch fallback (CPU; the interpreter is for tests only)
   FusedLogprobs             the torch.autograd.Function, fused_logprobs its public entry point
   reference_ppo_loss, ppo_loss   the spec's clipped objective + k3 KL on top of fused_logprobs
+
+Section 2, batched prefix sampling: sample_continuations(model, prefixes, k, ...) draws k continuations of
+every prefix, prefilling identical and nested prefixes once and reading each shared prefix once per
+decode step for all its continuations (cascade attention). vineppo.py uses it for the training samples,
+the MC rollouts and evaluation.
 """
+import inspect
 import os
 import types
 
@@ -250,9 +256,10 @@ if HAS_TRITON:
 
     _logprob_fwd_autotuned = triton.autotune(_configs(_CUDA_FWD_TILES), key=["D", "V", "NUM_SPLITS"])(
         _logprob_fwd_kernel)
-    # the backward accumulates with atomics: every trial config must start from zeroed buffers
+    # the backward accumulates with atomics (and dX over vocabulary slices, see below), so every trial
+    # config must see, and leave, the buffers as they were: restore_value, not reset_to_zero
     _logprob_bwd_autotuned = triton.autotune(_configs(_CUDA_BWD_TILES), key=["D", "V", "COMPUTE_DX", "COMPUTE_DW"],
-                                             reset_to_zero=["grad_hidden_ptr", "grad_weight_ptr"])(_logprob_bwd_kernel)
+                                             restore_value=["grad_hidden_ptr", "grad_weight_ptr"])(_logprob_bwd_kernel)
 
 
 def _compiled(hidden):
@@ -307,30 +314,50 @@ def _triton_forward(hidden, weight, targets, temperature, num_splits=None, parti
     return logp, entropy, lse
 
 
+# The fp32 dW buffer would be [V, d] (1.7 GB at the 7B shape, next to a 0.8 GB bf16 gradient). The backward
+# therefore runs over vocabulary slices weight[v0:v1], each with its own fp32 buffer that is cast into the
+# output right after: the slice is an ordinary [V', d] problem with targets shifted by -v0 (targets outside
+# never match a column) and the same global lse and H. Every logits tile is still computed exactly once.
+TRITON_DW_SLICE_BYTES = 256 * 2**20
+
+
 def _triton_backward(hidden, weight, targets, temperature, lse, entropy, grad_logp, grad_entropy,
                      compute_dx=True, compute_dw=True):
-    """-> (grad_hidden [N, d] fp32 or None, grad_weight [V, d] fp32 or None)."""
+    """-> (grad_hidden [N, d] fp32 or None, grad_weight [V, d] in weight's dtype or None)."""
     _check_inputs(hidden, weight, targets)
     (N, D), V = hidden.shape, weight.shape[0]
     for t in (lse, entropy, grad_logp, grad_entropy):
         assert t.shape == (N,) and t.dtype == torch.float32 and t.is_contiguous()
-    # fp32 accumulators even for bf16 inputs: each element receives V / BLOCK_V (dX) or N / BLOCK_N (dW) adds
+    # fp32 accumulation even for bf16 inputs: each element receives V / BLOCK_V (dX) or N / BLOCK_N (dW) adds
     grad_hidden = torch.zeros(N, D, dtype=torch.float32, device=hidden.device) if compute_dx else None  # [N, d]
-    grad_weight = torch.zeros(V, D, dtype=torch.float32, device=hidden.device) if compute_dw else None  # [V, d]
-    if N > 0 and (compute_dx or compute_dw):
-        unused = grad_hidden if compute_dx else grad_weight     # stands in for the buffer a False flag skips
-        kernel, tile = _kernel_and_tile(hidden, _logprob_bwd_autotuned, _logprob_bwd_kernel)
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)  # noqa: E731
-        kernel[grid](hidden, weight, targets, lse, entropy, grad_logp, grad_entropy,
-                     grad_hidden if compute_dx else unused, grad_weight if compute_dw else unused,
-                     N, 1.0 / temperature, D=D, V=V, GROUP_N=8, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw,
-                     **tile, **_dtype_options(hidden))
+    grad_weight = torch.zeros_like(weight) if compute_dw else None     # [V, d] output, weight's dtype
+    if N == 0 or not (compute_dx or compute_dw):
+        return grad_hidden, grad_weight
+    kernel, tile = _kernel_and_tile(hidden, _logprob_bwd_autotuned, _logprob_bwd_kernel)
+    cols_per_slice = V if not compute_dw else max(512, TRITON_DW_SLICE_BYTES // (4 * D) // 512 * 512)
+    for v0 in range(0, V, cols_per_slice):
+        weight_slice = weight[v0:v0 + cols_per_slice]                                   # [V', d] view
+        V_slice = weight_slice.shape[0]
+        if compute_dw and weight.dtype == torch.float32:
+            grad_weight_slice = grad_weight[v0:v0 + V_slice]                            # accumulate in place
+        elif compute_dw:
+            grad_weight_slice = torch.zeros(V_slice, D, dtype=torch.float32, device=hidden.device)
+        unused = grad_hidden if compute_dx else grad_weight_slice    # stands in for a buffer a False flag skips
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(V_slice, meta["BLOCK_V"]),)  # noqa: E731
+        kernel[grid](hidden, weight_slice, targets - v0, lse, entropy, grad_logp, grad_entropy,
+                     grad_hidden if compute_dx else unused, grad_weight_slice if compute_dw else unused,
+                     N, 1.0 / temperature, D=D, V=V_slice, GROUP_N=8, COMPUTE_DX=compute_dx,
+                     COMPUTE_DW=compute_dw, **tile, **_dtype_options(hidden))
+        if compute_dw and weight.dtype != torch.float32:
+            grad_weight[v0:v0 + V_slice] = grad_weight_slice                            # round to bf16
     return grad_hidden, grad_weight
 
 
 # ----------------------------------------------------------------------------- chunked torch fallback
 # Same math with torch ops on [chunk, V] row slabs: peak extra memory O(chunk V) instead of O(N V).
-TORCH_CHUNK_BYTES = 64 * 2**20      # one fp32 [chunk, V] slab; ~3 such buffers are alive at once
+# One fp32 [chunk, V] slab (2-3 are alive at once): 1024 rows at V = 8192, 262 at V = 32000. Smaller
+# slabs save memory but re-read W and re-write the [V, d] dW accumulator once more per chunk.
+TORCH_CHUNK_BYTES = 32 * 2**20
 
 
 def _chunk_rows(V):
@@ -407,8 +434,8 @@ class FusedLogprobs(torch.autograd.Function):
 
 def resolve_backend(hidden, backend="auto"):
     if backend == "auto":
-        interpreter = os.environ.get("TRITON_INTERPRET") == "1"
-        backend = "triton" if HAS_TRITON and (hidden.is_cuda or interpreter) else "torch"
+        # the interpreter runs kernels ~1000x slower than torch: tests ask for backend="triton" explicitly
+        backend = "triton" if HAS_TRITON and hidden.is_cuda else "torch"
     assert backend in ("triton", "torch", "reference"), backend
     return backend
 
@@ -417,7 +444,8 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, backend="auto"):
     """hidden [N, d] (fp32 or bf16), weight [V, d] (lm_head weight, same dtype), targets [N] int64.
     Returns (logp [N] fp32, entropy [N] fp32) of softmax(hidden @ weight.T / temperature); differentiable
     w.r.t. hidden and weight; never materialises [N, V] (except backend "reference", the naive oracle).
-    backend: "auto" (triton on CUDA or under TRITON_INTERPRET=1, else torch), "triton", "torch", "reference"."""
+    backend: "auto" (triton for CUDA tensors, else torch), "triton" (on the CPU: the interpreter,
+    TRITON_INTERPRET=1, for tests), "torch" (chunked), "reference" (naive full logits)."""
     backend = resolve_backend(hidden, backend)
     if backend == "reference":
         logp, entropy = reference_logprobs(hidden, weight, targets, temperature)
@@ -478,3 +506,587 @@ def ppo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, *, tempera
     stats = dict(logp=logp.detach(), ratio=ratio.detach(), clipped=clipped, kl=kl.detach(),
                  entropy=entropy.detach())
     return loss, stats
+
+
+# =====================================================================================
+# Section 2: batched prefix sampling -- sample_continuations()
+#
+# VinePPO's cost is generation: a response of n steps needs K continuations from each of
+# its n states s_0 (prompt) ⊂ s_1 ⊂ ... ⊂ s_{n-1}. transformers' generate(num_return_sequences=K)
+# would prefill every state K times and keep K copies of every prefix in its KV cache. Here:
+#   1. plan:    identical prefixes are merged and nested prefixes are grouped under a longest
+#               member (the nest "leader"); one forward over each leader yields the KV of every
+#               state in the nest (a state's KV is the leader's KV cut at the state's length);
+#   2. decode:  all continuations of all states of a batch of nests decode together, one
+#               backbone call on (B, 1) per step. The prefix KV is stored ONCE per nest and read
+#               once per step for all of its rows (cascade / Hydragen attention: partial attention
+#               over the shared prefix + partial attention over each row's own new tokens, merged
+#               with their log-sum-exps); only new tokens get per-row KV.
+#   3. stop:    per-row EOS / stop strings / max tokens; finished rows are compacted out of the
+#               batch, batches are sized to the free memory, halved on out-of-memory.
+# Why finished rows are compacted out rather than replaced by waiting work: a refill would need a
+# prefill in mid-batch, a per-row step offset in the new-token cache and (GPU) a new CUDA graph per
+# refill. Compaction gets most of the gain (later steps cost only live rows) and the planner packs all
+# waiting work into the next batch; the cost is each batch's tail running below full size. On the CPU
+# demo all work fits in one batch (nothing waits), and with EOS suppressed (benchmark) there is no tail.
+# On a GPU the decode step (HF layers + the Triton cascade kernels) has static shapes between
+# compactions, so it is captured once as a CUDA graph; the step counter lives on the device.
+# Shape letters: B rows (continuations) in a batch, G nests (groups), R = most rows of any nest, Hq / Hkv
+# query / KV heads, nrep = Hq // Hkv, D head dim, P prefix columns, T new-token columns, V vocabulary.
+# =====================================================================================
+# (transformers is imported inside functions, not at the top of this file: transformers probes for the
+# hub's `kernels` package, finds this repo's kernels.py and imports it while transformers is half initialised.)
+
+# Attention backend of the decode steps: "auto" = "triton" on CUDA, "cpu" (torch's CPU flash attention)
+# on a CPU, "torch" (plain matmuls) elsewhere; tests force each one.
+SAMPLER_BACKEND = "auto"
+SAMPLER_SYNC_EVERY = None  # decode steps between host syncs (stop strings, compaction); None: 8 on CUDA, else 1
+_ATTN_NAME = "vineppo_cascade"
+_ACTIVE = []  # the _CascadeCache of the decode step in flight (read by the attention function)
+# Counters for tests and benchmarks (reset them freely): batches run, prefill tokens computed (real
+# leader tokens / incl. right padding), decode steps, row-steps, KV tokens attended over (prefix once per
+# nest + each row's new tokens), compactions, OOM retries.
+SAMPLER_STATS = dict(batches=0, prefill_tokens=0, prefill_padded=0, steps=0, row_steps=0, kv_read_tokens=0,
+                     compactions=0, oom_retries=0)
+
+
+# ----------------------------------------------------------------------------- 1. plan
+def _nest_leaders(prefixes):
+    """Map each distinct prefix (tuple) to its nest leader: a prefix that extends it and is extended by none.
+    In lexicographic order every sequence between p and an extension q of p also starts with p, so
+    p is extended by something iff it is a prefix of its successor, whose leader is then p's."""
+    uniq = sorted(set(map(tuple, prefixes)))
+    leader = {}
+    for i in range(len(uniq) - 1, -1, -1):
+        p = uniq[i]
+        nxt = uniq[i + 1] if i + 1 < len(uniq) else ()
+        leader[p] = leader[nxt] if nxt[:len(p)] == p and len(nxt) > len(p) else p
+    return leader
+
+
+# ----------------------------------------------------------------------------- 2. attention
+def _partial_attention_torch(q, k, v, lens, scale):
+    """Attention of q (..., M, D) over the first lens (..., M) columns of k, v (..., T, D).
+    Returns the normalised output (..., M, D) fp32 and its log-sum-exp (..., M) (-inf if lens == 0)."""
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (..., M, T)
+    cols = torch.arange(k.shape[-2], device=k.device)
+    s = s.masked_fill(cols >= lens.unsqueeze(-1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (..., M)
+    p = torch.exp(s - lse.clamp(min=-1e30).unsqueeze(-1))  # all-masked rows -> exp(-inf) = 0
+    return torch.matmul(p.to(v.dtype), v).float(), lse
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _partial_attention_kernel(Q, K, V, O, LSE, LENS, scale, M, T, D,
+                                  sq_n, sq_m, sk_n, sk_t, sv_n, sv_t, sl_n, sl_m, LEN_DIV,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  UPCAST: tl.constexpr):
+        # One program: BLOCK_M queries of one (group or row, KV head) pair n, streaming its keys once
+        # (flash-decoding style online softmax); all BLOCK_M queries share every loaded K/V tile.
+        n = tl.program_id(0).to(tl.int64)  # int64 offsets: B * Hkv * T * D can pass 2**31
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < M
+        q = tl.load(Q + n * sq_n + offs_m[:, None] * sq_m + offs_d[None, :],
+                    mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        lens = tl.load(LENS + (n // LEN_DIV) * sl_n + offs_m * sl_m, mask=m_ok, other=0)
+        hi = tl.max(lens, axis=0)  # runtime bound: columns past every query's length are skipped
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(0, hi, BLOCK_N):
+            offs_t = start + tl.arange(0, BLOCK_N)
+            kv_ok = (offs_t < T)[:, None] & (offs_d[None, :] < D)
+            k = tl.load(K + n * sk_n + offs_t[:, None] * sk_t + offs_d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(V + n * sv_n + offs_t[:, None] * sv_t + offs_d[None, :], mask=kv_ok, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_M, BLOCK_N)
+            s = tl.where(offs_t[None, :] < lens[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(O + (n * M + offs_m[:, None]) * D + offs_d[None, :], out, mask=m_ok[:, None] & (offs_d[None, :] < D))
+        tl.store(LSE + n * M + offs_m, lse, mask=m_ok)
+
+
+def _partial_attention_triton(q, k, v, lens, scale, len_div):
+    """q (N, M, D), k/v (N, T, D) with unit stride on D; lens int32 indexed [n // len_div, m] via its
+    strides (a stride of 0 broadcasts one length to every query). Returns o (N, M, D) fp32, lse (N, M)."""
+    N, M, D = q.shape
+    o = torch.empty(N, M, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(N, M, device=q.device, dtype=torch.float32)
+    on_gpu = q.is_cuda
+    bm = 16 if M <= 16 else (64 if on_gpu else 32)
+    grid = (N, triton.cdiv(M, bm))
+    _partial_attention_kernel[grid](q, k, v, o, lse, lens, scale, M, k.shape[1], D,
+                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                    lens.stride(0), lens.stride(1), len_div,
+                                    BLOCK_M=bm, BLOCK_N=64 if on_gpu else 16,
+                                    BLOCK_D=max(16, triton.next_power_of_2(D)),
+                                    UPCAST=not on_gpu or q.dtype == torch.float32)
+    return o, lse
+
+
+_cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _partial_attention_cpu(q, k, v, mask, empty, scale):
+    """torch's CPU flash attention, which also returns the log-sum-exp: q (..., M, D), k/v (..., T, D),
+    additive mask (..., M, T) or None; `empty` (..., M) marks queries with no columns (flash gives lse 0)."""
+    o, lse = _cpu_flash(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    if empty is not None:
+        lse = lse.masked_fill(empty, float("-inf"))
+        o = o.masked_fill(empty.unsqueeze(-1), 0.0)
+    return o.float(), lse.float()
+
+
+def _cascade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Registered as an HF attention implementation for the decode steps only. query (B, Hq, 1, D);
+    key/value are this layer's new-token caches sk/sv (B, Hkv, T, D) from _CascadeCache.update."""
+    c = _ACTIVE[-1]
+    layer = module.layer_idx
+    B, Hq, _, D = query.shape
+    Hkv = c.sk[layer].shape[1]
+    nrep, G, R = Hq // Hkv, c.G, c.R
+    scale = scaling if scaling is not None else D ** -0.5
+    # Prefix part: the queries of a nest's rows are gathered into its slot of a (G, R) layout (holes
+    # repeat row 0 with prefix length 0), so the R*nrep queries of a group share one read of its prefix.
+    qp = query.reshape(B, Hq, D).index_select(0, c.gather_idx)  # (G*R, Hq, D)
+    qp = qp.view(G, R, Hkv, nrep, D).permute(0, 2, 1, 3, 4).reshape(G, Hkv, R * nrep, D)
+    pk, pv, sk, sv = c.pk[layer], c.pv[layer], c.sk[layer], c.sv[layer]
+    qs = query.reshape(B, Hkv, nrep, D)  # suffix part: each row over its own new tokens
+    t1 = c.t + 1
+    if c.backend == "triton":
+        o1, l1 = _partial_attention_triton(qp.view(G * Hkv, R * nrep, D), pk.view(G * Hkv, -1, D),
+                                           pv.view(G * Hkv, -1, D), c.prefix_lens(nrep), scale, Hkv)
+        o2, l2 = _partial_attention_triton(qs.reshape(B * Hkv, nrep, D).contiguous(), sk.view(B * Hkv, -1, D),
+                                           sv.view(B * Hkv, -1, D), c.slen.view(1, 1).expand(1, nrep), scale, B * Hkv)
+        o1, l1 = o1.view(G, Hkv, R * nrep, D), l1.view(G, Hkv, R * nrep)
+        o2, l2 = o2.view(B, Hkv, nrep, D), l2.view(B, Hkv, nrep)
+    elif c.backend == "cpu":
+        mask, empty = c.prefix_mask(nrep)  # (G, 1, R*nrep, P) additive, (G, 1, R*nrep) bool
+        o1, l1 = _partial_attention_cpu(qp, pk, pv, mask, empty, scale)  # (G, Hkv, R*nrep, D), (G, Hkv, R*nrep)
+        o2, l2 = _partial_attention_cpu(qs, sk[:, :, :t1], sv[:, :, :t1], None, None, scale)  # (B, Hkv, nrep, .)
+    else:
+        plens = c.prefix_lens(nrep).unsqueeze(1)  # (G, 1, R*nrep)
+        o1, l1 = _partial_attention_torch(qp, pk, pv, plens, scale)  # (G, Hkv, R*nrep, D), (G, Hkv, R*nrep)
+        o2, l2 = _partial_attention_torch(qs, sk[:, :, :t1], sv[:, :, :t1], plens.new_full((1, 1, 1), t1), scale)
+    # Back to row order, then merge the two softmaxes: weights exp(lse_i - max) (l2 is always finite).
+    o1 = o1.view(G, Hkv, R, nrep, D).permute(0, 2, 1, 3, 4).reshape(G * R, Hkv, nrep, D).index_select(0, c.pad_idx)
+    l1 = l1.view(G, Hkv, R, nrep).permute(0, 2, 1, 3).reshape(G * R, Hkv, nrep).index_select(0, c.pad_idx)
+    m = torch.maximum(l1, l2)  # (B, Hkv, nrep)
+    w1, w2 = torch.exp(l1 - m).unsqueeze(-1), torch.exp(l2 - m).unsqueeze(-1)
+    out = (o1 * w1 + o2 * w2) / (w1 + w2)  # (B, Hkv, nrep, D)
+    return out.to(query.dtype).reshape(B, 1, Hq, D), None
+
+
+
+class _CascadeCache:
+    """Duck-typed HF cache for the decode steps. Per layer: prefix KV pk/pv (G, Hkv, P, D), one copy
+    per nest, and new-token KV sk/sv (B, Hkv, T, D), one per row, written at column t each step.
+    Rows are sorted by nest: grp (B,) is each row's nest, plen (B,) the prefix columns it may read."""
+    is_compileable = False
+
+    def __init__(self, pk, pv, grp, plen, T, backend):
+        self.pk, self.pv, self.grp, self.plen, self.T, self.backend = pk, pv, grp, plen, T, backend
+        self.sk, self.sv = [], []
+        self.t = 0  # python step counter; t_idx / slen mirror it on the device for CUDA graphs
+        self.t_idx = torch.zeros(1, dtype=torch.long, device=plen.device)
+        self.slen = torch.ones(1, dtype=torch.int32, device=plen.device)
+        self._layout()
+
+    def _layout(self):
+        """Place row b at slot pad_idx[b] of a (G, R) grid, R = most rows of any nest."""
+        B, dev = len(self.grp), self.grp.device
+        self.G = len(self.pk[0])
+        counts = torch.bincount(self.grp, minlength=self.G)  # (G,)
+        self.R = int(counts.max())
+        first = torch.cumsum(counts, 0) - counts  # (G,) first row of each nest
+        self.pad_idx = self.grp * self.R + torch.arange(B, device=dev) - first[self.grp]  # (B,)
+        self.gather_idx = torch.zeros(self.G * self.R, dtype=torch.long, device=dev)
+        self.gather_idx[self.pad_idx] = torch.arange(B, device=dev)  # (G*R,) row in each slot (holes: 0)
+        self.grid_plen = torch.zeros(self.G * self.R, dtype=torch.int32, device=dev)
+        self.grid_plen[self.pad_idx] = self.plen.to(torch.int32)  # (G*R,) holes read nothing
+        self.prefix_read = int(self.grid_plen.view(self.G, self.R).max(1).values.sum())  # for SAMPLER_STATS
+        self._plens = self._mask = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # key (B, Hkv, 1, D)
+        if layer_idx == len(self.sk):  # first step: allocate this layer's new-token buffers
+            shape = (key_states.shape[0], key_states.shape[1], self.T, key_states.shape[3])
+            self.sk.append(torch.zeros(shape, dtype=key_states.dtype, device=key_states.device))
+            self.sv.append(torch.zeros(shape, dtype=value_states.dtype, device=value_states.device))
+        if self.backend == "triton":  # device-side column index: CUDA-graph safe
+            self.sk[layer_idx].index_copy_(2, self.t_idx, key_states)
+            self.sv[layer_idx].index_copy_(2, self.t_idx, value_states)
+        else:
+            self.sk[layer_idx][:, :, self.t] = key_states[:, :, 0]
+            self.sv[layer_idx][:, :, self.t] = value_states[:, :, 0]
+        return self.sk[layer_idx], self.sv[layer_idx]
+
+    def get_seq_length(self, layer_idx=0):
+        return self.t
+
+    def prefix_lens(self, nrep):  # (G, R*nrep) int32: each slot's prefix length, once per query head
+        if self._plens is None or self._plens.shape[1] != self.R * nrep:
+            self._plens = self.grid_plen.view(self.G, self.R).repeat_interleave(nrep, dim=1).contiguous()
+        return self._plens
+
+    def prefix_mask(self, nrep):  # additive (G, 1, R*nrep, P) mask + (G, 1, R*nrep) "no prefix" flags
+        if self._mask is None or self._mask[0].shape[2] != self.R * nrep:
+            lens = self.prefix_lens(nrep).unsqueeze(1)  # (G, 1, R*nrep)
+            cols = torch.arange(self.pk[0].shape[2], device=lens.device)
+            mask = torch.zeros(lens.shape + cols.shape, dtype=self.pk[0].dtype, device=lens.device)
+            self._mask = (mask.masked_fill(cols >= lens.unsqueeze(-1), float("-inf")), lens == 0)
+        return self._mask
+
+    def advance(self):
+        self.t += 1
+        self.t_idx += 1
+        self.slen += 1
+
+    def select(self, rows):
+        """Compaction: keep these rows (sorted index tensor); nests left without rows are dropped."""
+        grp = self.grp[rows]
+        kept = torch.unique(grp)  # (G',) sorted
+        self.pk = [x.index_select(0, kept) for x in self.pk]
+        self.pv = [x.index_select(0, kept) for x in self.pv]
+        self.sk = [x.index_select(0, rows) for x in self.sk]
+        self.sv = [x.index_select(0, rows) for x in self.sv]
+        self.grp, self.plen = torch.searchsorted(kept, grp), self.plen[rows]
+        self._layout()
+
+
+# ----------------------------------------------------------------------------- 3. prefill
+def _cache_kwarg(fn):
+    """transformers >= 5.2x calls the cache `cache=`; older versions `past_key_values=`."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
+def _layer_kv(cache):
+    """[(keys, values)] per layer of a DynamicCache, each (B, Hkv, T, D), across transformers versions."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))  # pragma: no cover (transformers 4.x)
+
+
+def _prefill(model, leaders, prefill_tokens):
+    """KV of every leader minus its last token (that token is fed as the first decode step, so the
+    decode loop's own forward produces the first logits and the prefill needs no LM head).
+    Leaders are right-padded: causal attention never lets a real token see the padding after it, so
+    no mask is needed, and the pad columns are never read (each row's prefix length masks them).
+    Returns per layer pk, pv (G, Hkv, P, D) with P = max(len(leader)) - 1 (>= 1)."""
+    from transformers import DynamicCache
+    base = model.base_model
+    kw = _cache_kwarg(base.forward)
+    dev = next(model.parameters()).device
+    P = max(1, max(len(L) for L in leaders) - 1)
+    ids = torch.zeros(len(leaders), P, dtype=torch.long, device=dev)  # (G, P), pad id 0
+    for g, L in enumerate(leaders):
+        ids[g, :len(L) - 1] = torch.tensor(L[:-1], dtype=torch.long)
+    pk = pv = None
+    SAMPLER_STATS["prefill_tokens"] += sum(len(L) - 1 for L in leaders)
+    SAMPLER_STATS["prefill_padded"] += len(leaders) * P
+    rows = max(1, prefill_tokens // P)  # chunk the forward to bound activation memory
+    for lo in range(0, len(leaders), rows):
+        cache = DynamicCache(config=model.config)
+        base(input_ids=ids[lo:lo + rows], use_cache=True, **{kw: cache})
+        kv = _layer_kv(cache)
+        if pk is None:  # shapes known now: allocate the whole batch's prefix buffers
+            pk = [torch.empty((len(leaders),) + k.shape[1:], dtype=k.dtype, device=dev) for k, _ in kv]
+            pv = [torch.empty((len(leaders),) + v.shape[1:], dtype=v.dtype, device=dev) for _, v in kv]
+        for layer, (k, v) in enumerate(kv):
+            pk[layer][lo:lo + rows].copy_(k)
+            pv[layer][lo:lo + rows].copy_(v)
+    return pk, pv
+
+
+# ----------------------------------------------------------------------------- 4. sampling
+def _sample_next(logits, temperature, top_p):
+    """logits (B, V) -> token ids (B,). Greedy at temperature 0; else softmax(logits / T) restricted to
+    the smallest set of most likely tokens whose mass reaches top_p (a token is kept when the mass
+    strictly before it is < top_p, as transformers' TopPLogitsWarper does), drawn by inverse CDF with
+    one torch.rand per row (cheaper than torch.multinomial on a CPU, same distribution)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = (1.0 - torch.rand(cdf.shape[0], 1, device=cdf.device)) * cdf[:, -1:]  # (B, 1), in (0, kept mass]
+    pick = (cdf < u).sum(-1).clamp_(max=cdf.shape[1] - 1)  # first index with cdf >= u; never a 0-mass token
+    return pick if order is None else order.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+
+
+class _StopChecker:
+    """Stop strings, checked on the decoded tail of each live row. A stop string completed by token e lies
+    within the last len(stop) + 4 tokens up to e whenever each token decodes to >= 1 character, so only
+    tails are decoded (one batch_decode per check), never whole continuations."""
+
+    def __init__(self, stop):
+        self.tok, self.strs = stop
+        self.window = max(len(s) for s in self.strs) + 4
+
+    def _hit(self, text):
+        return any(s in text for s in self.strs)
+
+    def tail_start(self, checked):
+        """First token to decode when tokens [0, checked) are known clean: a stop string completed by a
+        later token starts at most window - 1 tokens before it."""
+        return max(0, checked + 1 - self.window)
+
+    def cut_lengths(self, tails, lo, checked):
+        """tails: each live row's tokens [lo, now), lo = tail_start(checked). Returns, per row, the length
+        to cut the row to (the token completing a stop string is kept) or None."""
+        out = []
+        for toks, text in zip(tails, self.tok.batch_decode(tails)):
+            cut = None
+            if self._hit(text):  # rare: find the exact completing token e (absolute index + 1)
+                cut = next((e for e in range(checked + 1, lo + len(toks) + 1)
+                            if self._hit(self.tok.decode(toks[max(0, e - self.window - lo):e - lo]))), None)
+            out.append(cut)
+        return out
+
+
+# ----------------------------------------------------------------------------- 5. decode one batch
+class _Stepper:
+    """One decode step: the HF model on (B, 1) tokens with the cascade cache -> logits (B, V).
+    On CUDA with the Triton attention the step has static shapes (the step counter lives on the
+    device), so it is captured once into a CUDA graph and replayed: the eager step 0 doubles as
+    warm-up, step 1 captures. A compaction changes the shapes and calls reset() to re-capture."""
+
+    def __init__(self, model, cache, use_graph):
+        self.model, self.cache, self.use_graph = model, cache, use_graph
+        self.kw = _cache_kwarg(model.forward)
+        self.reset()
+
+    def reset(self):
+        self.graph, self.logits, self.calls = None, None, 0
+
+    def eager(self, ids, pos):
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=True, **{self.kw: self.cache})
+        return out.logits[:, -1]  # (B, V)
+
+    def __call__(self, ids, pos):  # ids, pos: (B, 1), updated in place between calls
+        self.calls += 1
+        if not self.use_graph or self.calls == 1:
+            return self.eager(ids, pos)
+        if self.graph is None:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self.logits = self.eager(ids, pos)
+                self.graph = graph
+            except Exception as e:  # pragma: no cover (GPU only): fall back to eager steps
+                print(f"[sample_continuations] CUDA graph capture failed ({e!r}); decoding eagerly")
+                self.use_graph = False
+                return self.eager(ids, pos)
+        self.graph.replay()
+        return self.logits
+
+
+def _run_batch(model, units, T, temperature, top_p, eos, stopper, backend, results, prefill_tokens):
+    """units: [(leader tuple, [(slot, state_len), ...])]. Decodes T new tokens for every row and writes
+    results[slot] = (token list, finished)."""
+    dev = next(model.parameters()).device
+    pk, pv = _prefill(model, [L for L, _ in units], prefill_tokens)
+    rows = [(g, s, n, L[n - 1]) for g, (L, members) in enumerate(units) for s, n in members]  # sorted by nest
+    grp, slot, plen, first = (torch.tensor(col, device=dev) for col in zip(*rows))  # (B,) each
+    plen = plen - 1  # the state's last token is fed at step 0, so the cached prefix is one shorter
+    B = len(rows)
+    cache = _CascadeCache(pk, pv, grp, plen, T, backend)
+    ids = first.unsqueeze(1)  # (B, 1): each state's last token ...
+    pos = plen.unsqueeze(1).clone()  # (B, 1): ... at its own position (no left padding anywhere)
+    out = torch.zeros(B, T, dtype=torch.long, device=dev)  # (B, T) new tokens
+    alive, fin = torch.ones(B, dtype=torch.bool, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
+    length = torch.full((B,), T, device=dev)  # rows still alive at the end hit max_new_tokens
+    on_gpu = dev.type == "cuda"
+    sync_every = SAMPLER_SYNC_EVERY or (8 if on_gpu else 1)  # a host sync stalls a GPU: batch them
+    stepper = _Stepper(model, cache, on_gpu and backend == "triton")
+
+    def harvest(mask):  # copy these rows' tokens out
+        idx = mask.nonzero().squeeze(1)
+        for s, toks, n, f in zip(slot[idx].tolist(), out[idx].tolist(), length[idx].tolist(), fin[idx].tolist()):
+            results[s] = (toks[:n], f)
+
+    checked = 0  # tokens [0, checked) of every live row are known to be free of stop strings
+    original_attn = model.config._attn_implementation
+    model.config._attn_implementation = _ATTN_NAME
+    _ACTIVE.append(cache)
+    try:
+        SAMPLER_STATS["batches"] += 1
+        for t in range(T):
+            SAMPLER_STATS["steps"] += 1
+            SAMPLER_STATS["row_steps"] += B
+            SAMPLER_STATS["kv_read_tokens"] += cache.prefix_read + B * (t + 1)
+            logits = stepper(ids, pos)  # (B, V)
+            nxt = _sample_next(logits, temperature, top_p)  # (B,)
+            out[:, t] = nxt
+            if eos is not None:  # EOS on the device: exact without a host sync
+                newly = alive & torch.isin(nxt, eos)
+                length = torch.where(newly, t + 1, length)
+                fin |= newly
+                alive &= ~newly
+            ids.copy_(nxt.unsqueeze(1))
+            pos += 1
+            cache.advance()
+            if (t + 1) % sync_every and t + 1 < T:
+                continue
+            if stopper is not None:  # stop strings need the tokenizer: host side
+                # Every row that produced tokens since the last check: live rows and rows that hit EOS
+                # since then (a stop string may have completed before that EOS).
+                rows, lo = (length > checked).nonzero().squeeze(1), stopper.tail_start(checked)
+                cuts = stopper.cut_lengths(out[rows, lo:t + 1].tolist(), lo, checked) if len(rows) else []
+                hit = [(b, c) for b, c, n in zip(rows.tolist(), cuts, length[rows].tolist())
+                       if c is not None and c <= n]  # a cut past an EOS seen since is not a stop
+                if hit:
+                    idx = torch.tensor([b for b, _ in hit], device=dev)
+                    length[idx] = torch.tensor([c for _, c in hit], device=dev)
+                    fin[idx], alive[idx] = True, False
+                checked = t + 1
+            n_alive = int(alive.sum())
+            if n_alive == 0:
+                break
+            if t + 1 < T and n_alive < 0.6 * B:
+                # Compaction: drop finished rows (and nests with none left) so later steps cost less.
+                SAMPLER_STATS["compactions"] += 1
+                harvest(~alive)
+                keep = alive.nonzero().squeeze(1)  # (B',) ascending: rows stay sorted by nest
+                cache.select(keep)
+                slot, alive, fin, length, out = slot[keep], alive[keep], fin[keep], length[keep], out[keep]
+                ids, pos, B = ids[keep], pos[keep], len(keep)
+                stepper.reset()
+        harvest(torch.ones_like(alive))
+    finally:
+        _ACTIVE.pop()
+        model.config._attn_implementation = original_attn
+
+
+# ----------------------------------------------------------------------------- 6. public API
+def _max_positions(config):
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+@torch.no_grad()
+def _probe(model):
+    """(KV bytes per cached token, vocabulary size), from a one-token forward."""
+    from transformers import DynamicCache
+    dev = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=dev), use_cache=True,
+                **{_cache_kwarg(model.forward): cache})
+    return sum(k.nbytes + v.nbytes for k, v in _layer_kv(cache)), out.logits.shape[-1]
+
+
+@torch.no_grad()
+def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, top_p=1.0, stop=None, *,
+                         eos_token_ids=(), max_batch_tokens=None, show_progress=False, desc="sampling"):
+    """prefixes: list[list[int]] (token ids; may include duplicates and prefixes that nest).
+    Returns (tokens, finished): tokens[i][j] is the list of new token ids of the j-th of k continuations
+    of prefixes[i] (j < k); finished[i][j] is True when that row stopped on an EOS id (the EOS id is the
+    last element of its list) or on a stop string, False when it hit max_new_tokens.
+    temperature 0 = greedy. top_p nucleus sampling applied after dividing logits by temperature.
+    stop: None or (tokenizer, list_of_stop_strings): a row stops when its decoded continuation contains a stop
+    string; its token list is then cut after the token that completed the stop string (the text may thus run a
+    few characters past the stop string: the caller strips it).
+    Randomness comes from torch's global RNG (torch.manual_seed makes it reproducible on CPU; keep it
+    deterministic: same inputs + same seed => same outputs).
+    max_batch_tokens: KV budget of one batch in cached tokens (default: from free memory).
+    model: any transformers causal LM (eval mode, no grad inside). Works on CPU (no Triton, no CUDA graphs) and GPU."""
+    n = len(prefixes)
+    if n == 0 or k <= 0 or max_new_tokens <= 0:
+        return [[[] for _ in range(k)] for _ in range(n)], [[False] * k for _ in range(n)]
+    assert all(len(p) > 0 for p in prefixes), "every prefix needs at least one token (e.g. BOS)"
+    limit, longest = _max_positions(model.config), max(len(p) for p in prefixes)
+    assert limit is None or longest + max_new_tokens <= limit, (
+        f"prefix ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions")
+    from transformers import AttentionInterface
+    AttentionInterface.register(_ATTN_NAME, _cascade_attention)  # idempotent
+    dev = next(model.parameters()).device
+    backend = SAMPLER_BACKEND
+    if backend == "auto":
+        backend = ("triton" if dev.type == "cuda" and HAS_TRITON else
+                   "cpu" if dev.type == "cpu" and _cpu_flash is not None else "torch")
+    eos = torch.tensor(sorted(set(eos_token_ids)), device=dev) if len(eos_token_ids) else None
+    stopper = _StopChecker(stop) if stop is not None and len(stop[1]) else None
+
+    # Plan: every (prefix i, sample j) row joins the nest of its prefix's leader.
+    leader = _nest_leaders(prefixes)
+    nests = {}
+    for i, p in enumerate(prefixes):
+        nests.setdefault(leader[tuple(p)], []).extend((i * k + j, len(p)) for j in range(k))
+    units = sorted(nests.items(), key=lambda u: -len(u[0]))  # longest first: similar P in a batch
+
+    # Budget: cached tokens per batch (prefix once per nest + T per row + logits/sort scratch per row).
+    was_training = model.training
+    model.eval()
+    try:
+        bytes_tok, vocab = _probe(model)
+        if max_batch_tokens is None:
+            free = torch.cuda.mem_get_info(dev)[0] * 0.7 if dev.type == "cuda" else 2 ** 30
+            max_batch_tokens = int(free // bytes_tok)
+        per_row = max_new_tokens + -(-24 * vocab // bytes_tok)
+        cost = lambda L, rows: len(L) + len(rows) * per_row  # noqa: E731
+        batches, cur, used = [], [], 0
+        for L, rows in units:
+            step = max(1, (max_batch_tokens - len(L)) // per_row)  # a nest too big for one batch is split
+            for lo in range(0, len(rows), step):
+                part = (L, rows[lo:lo + step])
+                if cur and used + cost(*part) > max_batch_tokens:
+                    batches.append(cur)
+                    cur, used = [], 0
+                cur.append(part)
+                used += cost(*part)
+        batches.append(cur)
+        # Prefill chunks: bounded in tokens (activations) and in bytes (its DynamicCache is a transient copy).
+        prefill_tokens = min(32768 if dev.type == "cuda" else 8192, max(2048, 2 ** 31 // bytes_tok))
+
+        results = [None] * (n * k)
+        bar = None
+        if show_progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n * k, desc=desc)
+
+        def run(batch):  # retry at half the batch on out-of-memory
+            try:
+                _run_batch(model, batch, max_new_tokens, temperature, top_p, eos, stopper, backend,
+                           results, prefill_tokens)
+            except torch.cuda.OutOfMemoryError:
+                rows = sum(len(r) for _, r in batch)
+                if rows <= 1:
+                    raise
+                torch.cuda.empty_cache()
+                SAMPLER_STATS["oom_retries"] += 1
+                if len(batch) == 1:
+                    (L, r), = batch
+                    halves = [[(L, r[:len(r) // 2])], [(L, r[len(r) // 2:])]]
+                else:
+                    halves = [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+                for h in halves:
+                    run(h)
+                return
+            if bar is not None:
+                bar.update(sum(len(r) for _, r in batch))
+
+        for batch in batches:
+            run(batch)
+        if bar is not None:
+            bar.close()
+    finally:
+        model.train(was_training)
+    tokens = [[results[i * k + j][0] for j in range(k)] for i in range(n)]
+    finished = [[results[i * k + j][1] for j in range(k)] for i in range(n)]
+    return tokens, finished

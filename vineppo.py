@@ -34,8 +34,6 @@ import torch
 from tqdm.auto import tqdm
 
 import kernels
-if not hasattr(kernels, 'sample_continuations'):  # TEMP-MERGE
-    import kernels_sampler; kernels.sample_continuations = kernels_sampler.sample_continuations  # TEMP-MERGE
 
 
 # ============================================================================ 1. Arguments
@@ -85,8 +83,9 @@ class Args:
     eval_problems: Optional[int] = arg(None, "test problems evaluated (default: all)")
     eval_samples: int = arg(16, "samples per test problem at --eval-temperature (paper: 16)")
     eval_temperature: float = arg(0.35, "evaluation sampling temperature (paper: 0.35)")
+    value_analysis: int = arg(0, "after training, the value analysis (paper section 7) on this many states of test responses: <out>/value_analysis.json (0: off)")
     # --- demo only: the tiny model and its SFT stage (cached under $XDG_CACHE_HOME/vineppo)
-    sft_steps: int = arg(700, "demo: SFT optimizer steps of the tiny model")
+    sft_steps: int = arg(800, "demo: SFT optimizer steps of the tiny model")
     sft_lr: float = arg(3e-3, "demo: SFT learning rate")
     sft_batch: int = arg(64, "demo: SFT batch size")
 
@@ -771,6 +770,126 @@ def evaluate(model, tokenizer, problems: list, args: Args, task: str) -> dict:
             "eval/greedy_accuracy": mean(greedy_acc), "eval/problems": len(problems)}
 
 
+# ============================================================================ 7b. Value analysis (paper section 7)
+# How good is each value estimate? On states s_i of responses the policy samples: a ground truth V(s_i)
+# from many rollouts (256, as the paper), the critic's V_phi(s_i), and VinePPO's K-rollout V_hat(s_i)
+# from an independent call; their mean absolute error along the chain, and whether each estimator ranks
+# the best of a few alternative next steps first (paper Fig. 8). A diagnostic: training never uses it.
+def state_episode(prompt_ids: list, written_ids: list, gold: str) -> Episode:
+    """The single state s = prompt + written, as an Episode whose only step starts after `written`:
+    vine_values then estimates V(s) alone (continuations graded on written + continuation)."""
+    return Episode(prompt_ids=prompt_ids, response_ids=list(written_ids), gold=gold, steps=[""], step_starts=[len(written_ids)])
+
+
+def mc_state_values(model, tokenizer, states: list, k: int, args: Args, task: str) -> list:
+    """V_hat(s) = mean reward of k continuations of each state (prompt_ids, written_ids, gold), computed by
+    vine_values itself: k = K is the estimate VinePPO trains with, k = 256 the analysis' ground truth."""
+    if not states:
+        return []
+    V, _ = vine_values(model, tokenizer, [state_episode(*s) for s in states], dataclasses.replace(args, k=k), task)
+    return [v[0] for v in V]
+
+
+@torch.no_grad()
+def critic_state_values(critic, states: list, pad_id: int, micro_batch: int) -> list:
+    """V_phi(s) of each state (prompt_ids, written_ids, gold). critic_values gives the value of the state
+    before every response token, so append one (pad) token to `written` and read the value before it."""
+    out = []
+    for i in range(0, len(states), micro_batch):
+        chunk = states[i:i + micro_batch]
+        V = critic_values(critic, [Episode(prompt_ids=p, response_ids=list(w) + [pad_id]) for p, w, _ in chunk], pad_id)
+        last = torch.tensor([len(w) + 1 for _, w, _ in chunk]).cumsum(0) - 1     # the appended token of each state
+        out += V.cpu()[last].tolist()
+    return out
+
+
+def value_analysis(policy, tokenizer, rows: list, args: Args, task: str, critic=None, n_states: int = 100,
+                   n_truth: int = 256, k: Optional[int] = None, n_rank: int = 50, alternatives: int = 5,
+                   bins: int = 5, tie: float = 0.05, seed: int = 0) -> dict:
+    """Paper section 7, on the states of one response per row that `policy` samples (until n_states):
+    - MAE |V_est(s_i) - V(s_i)| with V from n_truth rollouts, overall and by position i/n in the chain
+      (n = the response's steps; `bins` equal bins of [0, 1));
+    - ranking (Fig. 8b): from n_rank states that are not the last one (i < n - 1), sample `alternatives`
+      next steps (a continuation cut after its first new step); an estimator scores when the alternative
+      it values highest is truly best (within `tie`), ties in its estimate broken at random (expected
+      score); states whose distinct alternatives are all within `tie` of each other are skipped. An
+      alternative that finishes the response is worth its reward, for the ground truth and every estimator.
+    The MC estimate (k rollouts, default K) and the ground truth are independent calls to vine_values on the
+    same states; the critic is read at each state's last token. Every value is a value of `policy`: to
+    compare the critic fairly, pass the policy it was trained with. Leaves the global RNG as it was."""
+    t0, k, dec = time.time(), k or args.k, (lambda ids: decode(tokenizer, ids))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # 1. states s_i = prompt + first i steps of sampled responses
+        states, where = [], []     # (prompt_ids, written_ids, gold), (i, n)
+        for e in sample_episodes(policy, tokenizer, rows[:n_states], dataclasses.replace(args, samples_per_prompt=1), task):
+            for i in range(min(len(e.steps), args.max_states)):
+                states.append((e.prompt_ids, e.response_ids[:e.step_starts[i]], e.gold)); where.append((i, len(e.steps)))
+        states, where = states[:n_states], where[:n_states]
+        # 2. alternative next steps: continue from s_i, cut after the first step that starts past `written`
+        ranked = [j for j, (i, n) in enumerate(where) if i < n - 1][:n_rank]
+        conts, done = generate(policy, tokenizer, [states[j][0] + states[j][1] for j in ranked], alternatives,
+                               args.max_new_tokens, args.temperature, args.top_p, desc="alternatives")
+        alts = []                  # per ranked state: {response ids of the alternative: reward if it finished, else None}
+        for j, cs, ds in zip(ranked, conts, done):
+            written, gold, seen = states[j][1], states[j][2], {}
+            for c, d in zip(cs, ds):
+                full = written + c
+                nxt = [s for s in step_token_starts(full, split_steps(dec(full), task), dec) if s > len(written)]
+                reward = None if nxt else float(d and len(full) <= args.max_new_tokens and grade(dec(full), gold, task))
+                seen.setdefault(tuple(full[:nxt[0]] if nxt else full), reward)
+            alts.append(seen)
+        alt_states = [(states[j][0], list(a), states[j][2]) for j, seen in zip(ranked, alts) for a, r in seen.items() if r is None]
+        # 3. values of all states: ground truth, MC estimate (independent rollouts), critic
+        everything = states + alt_states
+        truth = mc_state_values(policy, tokenizer, everything, n_truth, args, task)
+        est = {"mc": mc_state_values(policy, tokenizer, everything, k, args, task)}
+        if critic is not None:
+            est["critic"] = critic_state_values(critic, everything, tokenizer.pad_token_id, args.micro_batch)
+
+    def mean(xs):
+        return float(sum(xs) / len(xs)) if xs else None
+    position = [min(int(i / n * bins), bins - 1) for i, n in where]
+    out = {"states": len(states), "n_truth": n_truth, "k": k, "seconds": None,
+           "rollouts": len({(tuple(p), tuple(w)) for p, w, _ in everything}) * (n_truth + k),
+           "mae": {}, "mae_by_position": {"bin_edges": [b / bins for b in range(bins + 1)],
+                                          "count": [position.count(b) for b in range(bins)]},
+           # the floors: the truth's own standard error, and the MAE of a K-rollout mean were the truth exact
+           "truth_se_mean": mean([math.sqrt(v * (1 - v) / n_truth) for v in truth[:len(states)]]),
+           "mc_mae_expected": mean([sum(math.comb(k, j) * v ** j * (1 - v) ** (k - j) * abs(j / k - v) for j in range(k + 1))
+                                    for v in truth[:len(states)]]),
+           "ranking": {"alternatives": alternatives, "tie": tie, "top1": {}}}
+    for name, values in est.items():
+        err = [abs(a - b) for a, b in zip(values[:len(states)], truth)]
+        out["mae"][name] = mean(err)
+        out["mae_by_position"][name] = [mean([x for x, b in zip(err, position) if b == bb]) for bb in range(bins)]
+
+    def per_state(values):     # the values of each ranked state's alternatives (a finished one: its reward)
+        groups, pos = [], len(states)
+        for seen in alts:
+            vs = []
+            for r in seen.values():
+                vs.append(values[pos] if r is None else r)
+                pos += r is None
+            groups.append(vs)
+        return groups
+    true_alts = per_state(truth)
+    informative = [g for g, t in enumerate(true_alts) if len(t) > 1 and max(t) - min(t) > tie]
+    out["ranking"].update(states=len(informative), skipped=len(true_alts) - len(informative))
+    out["ranking"]["top1"]["chance"] = mean([sum(v >= max(true_alts[g]) - tie for v in true_alts[g]) / len(true_alts[g])
+                                             for g in informative])
+    for name, values in est.items():
+        est_alts, hits = per_state(values), []
+        for g in informative:
+            top = [t for e, t in zip(est_alts[g], true_alts[g]) if e == max(est_alts[g])]
+            hits.append(sum(t >= max(true_alts[g]) - tie for t in top) / len(top))
+        out["ranking"]["top1"][name] = mean(hits)
+    out["per_state"] = [{"i": i, "n": n, "written": dec(states[s][1]), "truth": truth[s], **{name: v[s] for name, v in est.items()}}
+                        for s, (i, n) in enumerate(where)]
+    out["seconds"] = time.time() - t0
+    return out
+
+
 # ============================================================================ 8. The iteration loop
 def sample_episodes(policy, tokenizer, rows: list, args: Args, task: str) -> list:
     """Sample `samples_per_prompt` responses per prompt, grade them, split them into steps."""
@@ -930,6 +1049,11 @@ def train(args: Args) -> list:
               flush=True)
         if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:
             save_checkpoint(args.out, it + 1, policy, tokenizer, optimizer, scheduler, critic, critic_optimizer, critic_scheduler)
+    if args.value_analysis > 0:   # section 7b on the final policy (and the trained critic of --advantage critic)
+        result = value_analysis(policy, tokenizer, test_rows, args, task, critic=critic, n_states=args.value_analysis)
+        with open(os.path.join(args.out, "value_analysis.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print("value analysis: MAE " + ", ".join(f"{m} {v:.3f}" for m, v in result["mae"].items()) + f" on {result['states']} states")
     return records
 
 

@@ -1,4 +1,4 @@
-"""Benchmark: kernels_sampler.sample_continuations vs transformers generate(num_return_sequences=K)
+"""Benchmark: kernels.sample_continuations vs transformers generate(num_return_sequences=K)
 on the VinePPO MC-rollout workload (states s_0..s_{n-1} of sampled responses, K continuations each,
 EOS suppressed so every continuation has max_new_tokens tokens).
 
@@ -16,6 +16,7 @@ per-token rates, so slices of one workload compare). Roofline: bytes one of our 
 (weights + the KV it attends over, the shared prefix once per nest) at the measured copy bandwidth.
 """
 import argparse
+import copy
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import kernels_sampler as ks  # noqa: E402
+import kernels as ks  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
@@ -44,25 +45,26 @@ def workload(n_prompts, n_resp, prompt_len, resp_len, n_steps, vocab, seed=0):
 
 
 def run_ours(model, states, K, T, temperature=0.6, top_p=0.9):
-    for key in ks.STATS:
-        ks.STATS[key] = 0
+    for key in ks.SAMPLER_STATS:
+        ks.SAMPLER_STATS[key] = 0
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     toks, _ = ks.sample_continuations(model, states, k=K, max_new_tokens=T, temperature=temperature, top_p=top_p)
     sync()
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     n_new = sum(len(r) for rows in toks for r in rows)
     assert n_new == len(states) * K * T, "EOS is suppressed: every continuation must have T tokens"
-    return dict(seconds=dt, new=n_new, prefill=ks.STATS["prefill_tokens"], stats=dict(ks.STATS))
+    stats = dict(ks.SAMPLER_STATS)
+    return dict(seconds=dt, cpu=cpu, new=n_new, prefill=stats["prefill_tokens"], stats=stats)
 
 
-def run_generate(model, states, K, T, batch_states, static=False, temperature=0.6, top_p=0.9):
+def run_generate(model, states, K, T, batch_states, static=False, compile=False, temperature=0.6, top_p=0.9):
     """transformers' generate: left-padded batches of states, num_return_sequences=K (each state is copied
     K times and each copy prefilled). Returns the same fields; prefill counts the padded tokens computed."""
     dev = next(model.parameters()).device
     n_new = prefill = 0
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for lo in range(0, len(states), batch_states):
         chunk = states[lo:lo + batch_states]
         L = max(map(len, chunk))
@@ -71,14 +73,16 @@ def run_generate(model, states, K, T, batch_states, static=False, temperature=0.
         for i, s in enumerate(chunk):
             ids[i, L - len(s):] = torch.tensor(s)
             mask[i, L - len(s):] = 1
-        kw = dict(cache_implementation="static") if static else {}
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                             top_p=top_p, top_k=0, num_return_sequences=K, max_new_tokens=T, min_new_tokens=T,
-                             eos_token_id=None, pad_token_id=0, **kw)
+        gc = copy.deepcopy(model.generation_config)
+        gc.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=K,
+                  max_new_tokens=T, min_new_tokens=T, eos_token_id=None, pad_token_id=0)
+        if static:  # its preallocated cache; auto torch.compile only if asked (compiling costs minutes)
+            gc.update(cache_implementation="static", disable_compile=not compile)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
         n_new += out[:, L:].numel()
         prefill += len(chunk) * K * L
     sync()
-    return dict(seconds=time.perf_counter() - t0, new=n_new, prefill=prefill)
+    return dict(seconds=time.perf_counter() - t0, cpu=time.process_time() - c0, new=n_new, prefill=prefill)
 
 
 def sync():
@@ -91,8 +95,13 @@ def make_llama(layers, d, heads, kv_heads, vocab, inter, max_pos, dtype=torch.fl
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
                       bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: a 7B model never exists in fp32
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
     model.generation_config.eos_token_id = None
     return model.eval()
 
@@ -105,21 +114,23 @@ def cpu_rows(args):
     K, T = 4, 40
     print(f"CPU ({torch.get_num_threads()} threads): {len(states)} states x K={K}, {T} new tokens each, "
           f"prefixes {min(map(len, states))}-{max(map(len, states))} tokens")
-    print(f"{'model':<28}{'method':<24}{'s':>7}{'new tok/s':>11}{'prefill tok':>13}")
+    print("(wall-clock rates; `cpu s` is process CPU time, steadier when other jobs share the cores)")
+    print(f"{'model':<26}{'method':<22}{'s':>7}{'cpu s':>7}{'new tok/s':>11}{'prefill tok':>13}")
     for name, model in [("demo Llama 2L d96 V32", make_llama(2, 96, 4, 4, 32, 384, 256)),
                         ("small Llama 4L d256 V32", make_llama(4, 256, 4, 4, 32, 1024, 256))]:
-        with torch.no_grad():
-            run_ours(model, states[:8], K, 4)  # warm-up
+        run_ours(model, states[:8], K, 4)  # warm-up
         ours = run_ours(model, states, K, T)
         gen = run_generate(model, states, K, T, batch_states=len(states))
         for label, r in [("ours", ours), ("generate(nrs=K)", gen)]:
-            print(f"{name:<28}{label:<24}{r['seconds']:>7.2f}{r['new'] / r['seconds']:>11.0f}{r['prefill']:>13}")
-        print(f"{name:<28}{'ratio ours/generate':<24}{'':>7}{(ours['new'] / ours['seconds']) / (gen['new'] / gen['seconds']):>10.1f}x"
-              f"{gen['prefill'] / ours['prefill']:>12.1f}x less")
+            print(f"{name:<26}{label:<22}{r['seconds']:>7.2f}{r['cpu']:>7.2f}{r['new'] / r['seconds']:>11.0f}"
+                  f"{r['prefill']:>13}")
+        speed = (ours["new"] / ours["seconds"]) / (gen["new"] / gen["seconds"])
+        print(f"{name:<26}{'ratio ours/generate':<22}{'':>7}{gen['cpu'] / ours['cpu']:>6.1f}x{speed:>10.1f}x"
+              f"{gen['prefill'] / ours['prefill']:>7.1f}x less")
 
 
-def bandwidth_gbs():
-    x = torch.empty(2 ** 28, dtype=torch.uint8, device="cuda")  # 256 MiB, read + written per copy
+def bandwidth_gbs(device):
+    x = torch.empty(2 ** 28, dtype=torch.uint8, device=device)  # 256 MiB, read + written per copy
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
@@ -131,48 +142,58 @@ def bandwidth_gbs():
     return 2 * x.numel() * 20 / (time.perf_counter() - t0) / 1e9
 
 
-def gpu_rows(args):
-    bw = bandwidth_gbs()
-    name = torch.cuda.get_device_name()
-    print(f"GPU {name}: measured copy bandwidth {bw:.0f} GB/s; bf16; T=0.6 top_p=0.9; EOS suppressed")
-    print(f"{'model':<16}{'method':<22}{'states':>7}{'rows':>7}{'s':>8}{'new tok/s':>11}{'vs eager':>9}{'roofline':>9}")
-    configs = [("RhoMath-1.1B", dict(layers=22, d=2048, heads=32, kv_heads=4, vocab=32000, inter=5632, max_pos=2048),
-                args.ours_prompts_1b, 1),
-               ("DeepSeekMath-7B", dict(layers=30, d=4096, heads=32, kv_heads=32, vocab=102400, inter=11008, max_pos=4096),
-                args.ours_prompts_7b, 1)]
-    K, T = 9, args.new_tokens
-    for label, cfg, ours_prompts, gen_prompts in configs:
-        free = torch.cuda.mem_get_info()[0]
-        params = 2 * (cfg["vocab"] * cfg["d"] * 2 + cfg["layers"] * (4 * cfg["d"] ** 2 + 3 * cfg["d"] * cfg["inter"]))
-        if params > 0.6 * free:
-            print(f"{label:<16}skipped: {params / 2**30:.0f} GiB of weights, {free / 2**30:.0f} GiB free")
+# (label, Llama config, prompts for ours (x 8 responses x 8 states), states for generate, states per generate call)
+GPU_CONFIGS = [
+    ("RhoMath-1.1B", dict(layers=22, d=2048, heads=32, kv_heads=4, vocab=32000, inter=5632, max_pos=2048), 8, 32, 32),
+    ("DeepSeekMath-7B", dict(layers=30, d=4096, heads=32, kv_heads=32, vocab=102400, inter=11008, max_pos=4096),
+     1, 4, 4),
+]
+
+
+def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9, dtype=torch.bfloat16):
+    """shape: (prompt tokens, response tokens, steps per response); continuations of args.new_tokens."""
+    bw = bandwidth_gbs(device)
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    print(f"GPU {name}: measured copy bandwidth {bw:.0f} GB/s; {dtype}; T=0.6 top_p=0.9; EOS suppressed; "
+          f"prompt {shape[0]}, response {shape[1]} in {shape[2]} steps, K={K}, {args.new_tokens} new tokens")
+    print(f"{'model':<16}{'method':<18}{'states':>7}{'rows':>7}{'s':>8}{'new tok/s':>11}{'vs eager':>9}{'roofline':>9}")
+    T = args.new_tokens
+    for label, cfg, ours_prompts, gen_states, gen_batch in configs:
+        free = torch.cuda.mem_get_info()[0] if device == "cuda" else 2 ** 34
+        weights = 2 * (cfg["vocab"] * cfg["d"] * 2 + cfg["layers"] * (4 * cfg["d"] ** 2 + 3 * cfg["d"] * cfg["inter"]))
+        if weights > 0.6 * free:
+            print(f"{label:<16}skipped: {weights / 2**30:.0f} GiB of weights, {free / 2**30:.0f} GiB free")
             continue
-        model = make_llama(**cfg, dtype=torch.bfloat16, device="cuda")
+        model = make_llama(**cfg, dtype=dtype, device=device)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        kv_tok = 2 * cfg["layers"] * cfg["kv_heads"] * (cfg["d"] // cfg["heads"]) * 2
-        states = workload(ours_prompts, 8, 256, 512, 8, cfg["vocab"])
+        kv_tok = 2 * cfg["layers"] * cfg["kv_heads"] * (cfg["d"] // cfg["heads"]) * torch.finfo(dtype).bits // 8
+        states = workload(ours_prompts, 8, *shape, cfg["vocab"])
         run_ours(model, states[:9], K, 8)  # warm-up: Triton compile, CUDA graph path
         ours = run_ours(model, states, K, T)
         st = ours["stats"]
         roof_s = (st["steps"] * weight_bytes + st["kv_read_tokens"] * kv_tok) / (bw * 1e9)
-        gstates = workload(gen_prompts, 8, 256, 512, 8, cfg["vocab"], seed=1)[:args.gen_states]
-        rows = [("ours", ours, len(states))]
-        eager = run_generate(model, gstates, K, T, batch_states=args.gen_batch)
-        rows.append(("generate eager", eager, len(gstates)))
+        gstates = workload(1, 8, *shape, cfg["vocab"], seed=1)[:gen_states]
+        eager = run_generate(model, gstates, K, T, batch_states=gen_batch)
+        rows = [("ours", ours, len(states)), ("generate eager", eager, len(gstates))]
         try:
-            rows.append(("generate static", run_generate(model, gstates, K, T, batch_states=args.gen_batch,
-                                                          static=True), len(gstates)))
+            static = run_generate(model, gstates, K, T, batch_states=gen_batch, static=True,
+                                  compile=args.compile_baseline)
+            rows.append(("generate static" + (" +compile" if args.compile_baseline else ""), static, len(gstates)))
         except Exception as e:  # noqa: BLE001
             print(f"{label:<16}generate static failed: {e!r}"[:200])
         e_rate = eager["new"] / eager["seconds"]
         for method, r, n in rows:
             rate = r["new"] / r["seconds"]
-            roof = f"{roof_s / r['seconds']:>8.0%}" if method == "ours" else ""
-            print(f"{label:<16}{method:<22}{n:>7}{n * K:>7}{r['seconds']:>8.1f}{rate:>11.0f}{rate / e_rate:>8.1f}x{roof:>9}")
-        print(f"{label:<16}prefill tokens: ours {ours['prefill']} for {len(states)} states; generate "
-              f"{eager['prefill']} for {len(gstates)} states ({eager['prefill'] / len(gstates) / (ours['prefill'] / len(states)):.0f}x per state)")
+            roof = f"{roof_s / r['seconds']:>9.0%}" if method == "ours" else ""
+            print(f"{label:<16}{method:<18}{n:>7}{n * K:>7}{r['seconds']:>8.1f}{rate:>11.0f}"
+                  f"{rate / e_rate:>8.1f}x{roof}")
+        per_state = (eager["prefill"] / len(gstates)) / (ours["prefill"] / len(states))
+        print(f"{label:<16}prefill tokens: ours {ours['prefill']} for {len(states)} states, generate "
+              f"{eager['prefill']} for {len(gstates)} ({per_state:.0f}x more per state); ours "
+              f"{st['batches']} batches, {st['oom_retries']} OOM retries")
         del model
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main():
@@ -181,12 +202,10 @@ def main():
     ap.add_argument("--cpu", action="store_true", help="CPU rows only")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--new-tokens", type=int, default=512, help="GPU: continuation length")
-    ap.add_argument("--ours-prompts-1b", type=int, default=8, help="GPU: prompts (x8 responses x8 states) for ours, 1.1B")
-    ap.add_argument("--ours-prompts-7b", type=int, default=1, help="GPU: prompts for ours, 7B")
-    ap.add_argument("--gen-states", type=int, default=32, help="GPU: states given to generate")
-    ap.add_argument("--gen-batch", type=int, default=32, help="GPU: states per generate call")
+    ap.add_argument("--compile-baseline", action="store_true",
+                    help="GPU: let generate torch.compile its static-cache forward (slow to compile)")
     args = ap.parse_args()
-    with torch.no_grad():
+    with torch.no_grad():  # generate() is no-grad itself; ours too
         if not args.gpu:
             cpu_rows(args)
         if args.gpu or (not args.cpu and torch.cuda.is_available()):

@@ -4,6 +4,8 @@ The Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1); sh
 because the interpreter costs ~milliseconds per tile operation. Interpreter tile: 64 rows x 512 vocab
 x 128 hidden, so the ragged shapes below cross every tile edge.
 """
+import types
+
 import pytest
 import torch
 
@@ -55,17 +57,19 @@ def ours(backend):
 
 
 @pytest.fixture
-def small_torch_chunks(monkeypatch):
-    """Make the torch fallback use 16-row chunks so that several chunks (and a ragged last one) run."""
+def small_chunks(monkeypatch):
+    """Make the torch fallback use 16-row chunks and the Triton backward 512-column vocabulary slices
+    (the minimum), so that several chunks / slices, and a ragged last one, run."""
     def set_for_vocab(V):
         monkeypatch.setattr(K, "TORCH_CHUNK_BYTES", 16 * 4 * V)
+        monkeypatch.setattr(K, "TRITON_DW_SLICE_BYTES", 1)
     return set_for_vocab
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N, d, V", SHAPES)
-def test_fp32_forward_backward_match_float64(backend, N, d, V, small_torch_chunks):
-    small_torch_chunks(V)
+def test_fp32_forward_backward_match_float64(backend, N, d, V, small_chunks):
+    small_chunks(V)
     temperature = 0.6 if N != 1 else 1.0
     inputs = make_inputs(N, d, V)
     got = logprobs_and_grads(ours(backend), *inputs, temperature)
@@ -77,8 +81,8 @@ def test_fp32_forward_backward_match_float64(backend, N, d, V, small_torch_chunk
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N, d, V", SHAPES[1:])
-def test_bf16_within_error_of_bf16_torch(backend, N, d, V, small_torch_chunks):
-    small_torch_chunks(V)
+def test_bf16_within_error_of_bf16_torch(backend, N, d, V, small_chunks):
+    small_chunks(V)
     hidden, weight, targets, g1, g2 = make_inputs(N, d, V, torch.bfloat16, seed=1)
     got = logprobs_and_grads(ours(backend), hidden, weight, targets, g1, g2, 0.6)
     same_dtype_torch = logprobs_and_grads(naive_logprobs, hidden, weight, targets, g1, g2, 0.6)
@@ -122,15 +126,37 @@ def test_gradient_only_for_inputs_that_require_it(backend, frozen):
         assert_close(weight.grad, expected[3], rtol=1e-5)
 
 
-def test_auto_backend_follows_the_interpreter_flag(monkeypatch):
-    cpu = torch.zeros(1)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert K.resolve_backend(cpu) == "triton"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert K.resolve_backend(cpu) == "torch"
-    assert K.resolve_backend(cpu, "reference") == "reference"
+def test_gpu_launch_path_autotunes_without_corrupting_accumulators(monkeypatch):
+    """The CUDA launch path (autotuned kernels, vocabulary split sized from the SM count, dW slices)
+    run through the interpreter. Each trial config runs once while tuning, before the real launch; the
+    atomically accumulated dX / dW must come out as if only the real launch had run (restore_value), also
+    when the ragged last vocabulary slice triggers a second tuning after dX holds the first slice's sum."""
+
+    def one_trial_run(kernel_call, quantiles):
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+    fwd, bwd = K._logprob_fwd_autotuned, K._logprob_bwd_autotuned      # kernels.py's own autotuners, with
+    for tuner in (fwd, bwd):                                             # interpreter-sized tiles swapped in
+        monkeypatch.setattr(tuner, "configs", K._configs([(64, 512, 128, 1, 1), (64, 256, 128, 1, 1)]))
+        monkeypatch.setattr(tuner, "cache", {})
+        monkeypatch.setattr(tuner, "_do_bench", one_trial_run)          # the real do_bench needs a GPU driver
+    monkeypatch.setattr(K, "_compiled", lambda hidden: True)  # fp32 inputs: no bf16 dot in the interpreter
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 4}))
+    monkeypatch.setattr(K, "TRITON_DW_SLICE_BYTES", 1)        # 512-column slices: 512 + 88
+    inputs = make_inputs(40, 32, 600, seed=8)
+    got = logprobs_and_grads(ours("triton"), *inputs, 0.6)
+    assert len(bwd.cache) == 2 and len(fwd.cache) == 1       # tuned per slice width; forward split in 2
+    for a, e in zip(got, float64_oracle(*inputs, 0.6)):
+        assert_close(a, e, rtol=1e-5)
+
+
+def test_auto_backend_is_triton_only_for_cuda_tensors(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")        # the interpreter is opt-in (backend="triton"): slow
+    assert K.resolve_backend(torch.zeros(1)) == "torch"
+    assert K.resolve_backend(types.SimpleNamespace(is_cuda=True)) == "triton"
+    assert K.resolve_backend(torch.zeros(1), "reference") == "reference"
     with pytest.raises(AssertionError):
-        K.resolve_backend(cpu, "cuda")
+        K.resolve_backend(torch.zeros(1), "cuda")
 
 
 def test_torch_fallback_never_holds_the_full_logits(monkeypatch):

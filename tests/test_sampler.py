@@ -1,4 +1,4 @@
-"""Tests of kernels_sampler.sample_continuations on randomly initialised tiny models (CPU).
+"""Tests of kernels.sample_continuations on randomly initialised tiny models (CPU).
 
 Greedy continuations must equal transformers' own greedy generate token for token (Llama, Qwen2,
 GPT-2; prefixes of different lengths, nested and duplicated, in one batch); sampling must follow
@@ -12,9 +12,18 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM)
 
-import kernels_sampler as ks
+import kernels as ks
 
 V = 24
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and lose a lot when the 2 cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _llama(seed=0, vocab=V):
@@ -76,16 +85,16 @@ def test_greedy_small_batches_and_split_nests():
     assert toks == [[_hf_greedy(model, p, 8)] * 3 for p in PREFIXES]
 
 
-def test_greedy_triton_backend_interpreted():
-    """The GPU attention path (Triton kernel, run by the interpreter here) gives the same greedy tokens."""
-    pytest.importorskip("triton")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_greedy_other_attention_backends(backend, monkeypatch):
+    """The GPU attention path (Triton kernel, run by the interpreter here) and the plain-matmul fallback
+    give the same greedy tokens as HF generate."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     model = _llama(2)
     prefixes = PREFIXES[:4]
-    try:
-        ks.ATTENTION_BACKEND = "triton"
-        toks, _ = ks.sample_continuations(model, prefixes, k=2, max_new_tokens=3, temperature=0)
-    finally:
-        ks.ATTENTION_BACKEND = "auto"
+    monkeypatch.setattr(ks, "SAMPLER_BACKEND", backend)
+    toks, _ = ks.sample_continuations(model, prefixes, k=2, max_new_tokens=3, temperature=0)
     assert toks == [[_hf_greedy(model, p, 3)] * 2 for p in prefixes]
 
 
@@ -115,9 +124,9 @@ def test_eos_ends_rows_exactly_with_compaction():
         return sum(first(r, eos) < 8 for r in refs), sum(first(r, eos) > 12 for r in refs)
     eos = max(([a, b] for a in range(V) for b in range(a + 1, V)), key=lambda e: min(split(e)[0] - 5, split(e)[1]))
     assert split(eos)[0] >= 7 and split(eos)[1] >= 2  # > 40% of rows end early (compaction), some run on
-    ks.STATS["compactions"] = 0
+    ks.SAMPLER_STATS["compactions"] = 0
     toks, fin = ks.sample_continuations(model, prefixes, k=2, max_new_tokens=20, temperature=0, eos_token_ids=eos)
-    assert ks.STATS["compactions"] >= 1
+    assert ks.SAMPLER_STATS["compactions"] >= 1
     for p, rows, f, r in zip(prefixes, toks, fin, refs):
         exp = r[:first(r, eos) + 1]
         assert rows == [exp, exp] and f == [first(r, eos) < 99] * 2
@@ -133,7 +142,9 @@ def _char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, model_input_names=["input_ids", "attention_mask"])
 
 
-def test_stop_strings_cut_exactly():
+@pytest.mark.parametrize("sync_every", [None, 5])
+def test_stop_strings_cut_exactly(sync_every, monkeypatch):
+    monkeypatch.setattr(ks, "SAMPLER_SYNC_EVERY", sync_every)
     tok, model = _char_tokenizer(), _llama(4)
     prefix = [5, 6, 7]
     ref = _hf_greedy(model, prefix, 24)
@@ -148,10 +159,32 @@ def test_stop_strings_cut_exactly():
     assert toks[1][0] == (other[:oc] if oc else other) and fin[1][0] == (oc is not None)
 
 
-def test_sampled_rows_respect_stop_eos_and_max_new():
+def test_stop_string_then_eos_between_host_checks(monkeypatch):
+    """GPU mode (host checks every 8 steps): a stop string completes, then EOS comes before the next check;
+    the row must still end at the stop string."""
+    monkeypatch.setattr(ks, "SAMPLER_SYNC_EVERY", 8)
+    tok, model = _char_tokenizer(), _llama(4)
+    for prefix in ([5, 6, 7], [9], [1, 2], [3, 3, 3], [8, 1]):
+        ref = _hf_greedy(model, prefix, 8)
+        # stop string = the 2 characters ending at token i; EOS = the token at j, i < j < 8, both first occurrences
+        pairs = [(i, j) for i in range(1, 7) for j in range(i + 1, 8)
+                 if ref[j] not in ref[:j] and tok.decode(ref[i - 1:i + 1]) not in tok.decode(ref[:i])]
+        if pairs:
+            break
+    i, j = pairs[0]
+    toks, fin = ks.sample_continuations(model, [prefix], k=2, max_new_tokens=8, temperature=0,
+                                        stop=(tok, [tok.decode(ref[i - 1:i + 1])]), eos_token_ids=[ref[j]])
+    assert toks == [[ref[:i + 1]] * 2] and fin == [[True, True]]
+
+
+@pytest.mark.parametrize("sync_every", [None, 4])
+def test_sampled_rows_respect_stop_eos_and_max_new(sync_every, monkeypatch):
+    """Every row ends at its first EOS / stop string or at max_new_tokens. sync_every=4 is the GPU's
+    mode (host checks every few steps): rows overshoot and must be cut back exactly."""
     tok, model = _char_tokenizer(), _llama(5)
     torch.manual_seed(0)
     stops, eos, n = ["ab", "c\n"], 3, 15
+    monkeypatch.setattr(ks, "SAMPLER_SYNC_EVERY", sync_every)
     toks, fin = ks.sample_continuations(model, PREFIXES, k=6, max_new_tokens=n, temperature=1.0, top_p=0.95,
                                         stop=(tok, stops), eos_token_ids=[eos])
     n_fin = 0
