@@ -897,21 +897,23 @@ class _Stepper:
         return self.logits
 
 
-def _run_batch(model, units, T, temperature, top_p, eos, stopper, backend, results, prefill_tokens):
-    """units: [(leader tuple, [(slot, state_len), ...])]. Decodes T new tokens for every row and writes
-    results[slot] = (token list, finished)."""
+def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend, results, prefill_tokens):
+    """units: [(leader tuple, [(slot, state_len), ...])]; budgets[slot]: that row's max new tokens.
+    Decodes up to budget new tokens for every row and writes results[slot] = (token list, finished)."""
     dev = next(model.parameters()).device
     pk, pv = _prefill(model, [L for L, _ in units], prefill_tokens)
     rows = [(g, s, n, L[n - 1]) for g, (L, members) in enumerate(units) for s, n in members]  # sorted by nest
     grp, slot, plen, first = (torch.tensor(col, device=dev) for col in zip(*rows))  # (B,) each
     plen = plen - 1  # the state's last token is fed at step 0, so the cached prefix is one shorter
     B = len(rows)
+    budget = torch.tensor([budgets[s] for _, s, _, _ in rows], device=dev)  # (B,) max new tokens per row
+    T = int(budget.max())
     cache = _CascadeCache(pk, pv, grp, plen, T, backend)
     ids = first.unsqueeze(1)  # (B, 1): each state's last token ...
     pos = plen.unsqueeze(1).clone()  # (B, 1): ... at its own position (no left padding anywhere)
     out = torch.zeros(B, T, dtype=torch.long, device=dev)  # (B, T) new tokens
     alive, fin = torch.ones(B, dtype=torch.bool, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
-    length = torch.full((B,), T, device=dev)  # rows still alive at the end hit max_new_tokens
+    length = budget.clone()  # rows still alive at their budget hit max_new_tokens: unfinished
     on_gpu = dev.type == "cuda"
     sync_every = SAMPLER_SYNC_EVERY or (8 if on_gpu else 1)  # a host sync stalls a GPU: batch them
     stepper = _Stepper(model, cache, on_gpu and backend == "triton")
@@ -939,6 +941,7 @@ def _run_batch(model, units, T, temperature, top_p, eos, stopper, backend, resul
                 length = torch.where(newly, t + 1, length)
                 fin |= newly
                 alive &= ~newly
+            alive &= budget > t + 1  # a row at its own budget stops, unfinished (length = budget)
             ids.copy_(nxt.unsqueeze(1))
             pos += 1
             cache.advance()
@@ -966,6 +969,7 @@ def _run_batch(model, units, T, temperature, top_p, eos, stopper, backend, resul
                 keep = alive.nonzero().squeeze(1)  # (B',) ascending: rows stay sorted by nest
                 cache.select(keep)
                 slot, alive, fin, length, out = slot[keep], alive[keep], fin[keep], length[keep], out[keep]
+                budget = budget[keep]
                 ids, pos, B = ids[keep], pos[keep], len(keep)
                 stepper.reset()
         harvest(torch.ones_like(alive))
@@ -1004,15 +1008,24 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
     few characters past the stop string: the caller strips it).
     Randomness comes from torch's global RNG (torch.manual_seed makes it reproducible on CPU; keep it
     deterministic: same inputs + same seed => same outputs).
+    max_new_tokens: an int, or a list with one budget per prefix (VinePPO's continuation of a state may
+    only use what the response cap leaves after the written steps).
     max_batch_tokens: KV budget of one batch in cached tokens (default: from free memory).
     model: any transformers causal LM (eval mode, no grad inside). Works on CPU (no Triton, no CUDA graphs) and GPU."""
     n = len(prefixes)
-    if n == 0 or k <= 0 or max_new_tokens <= 0:
+    if n == 0:
+        return [], []
+    budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
+    assert len(budgets) == n, "max_new_tokens: one int, or one per prefix"
+    if n == 0 or k <= 0 or max(budgets) <= 0:
         return [[[] for _ in range(k)] for _ in range(n)], [[False] * k for _ in range(n)]
     assert all(len(p) > 0 for p in prefixes), "every prefix needs at least one token (e.g. BOS)"
-    limit, longest = _max_positions(model.config), max(len(p) for p in prefixes)
-    assert limit is None or longest + max_new_tokens <= limit, (
-        f"prefix ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions")
+    limit = _max_positions(model.config)
+    longest = max(range(n), key=lambda i: len(prefixes[i]) + budgets[i])
+    assert limit is None or len(prefixes[longest]) + budgets[longest] <= limit, (
+        f"prefix ({len(prefixes[longest])} tokens) + max_new_tokens ({budgets[longest]}) exceeds the model's {limit} positions")
+    row_budgets = [b for b in budgets for _ in range(k)]   # per (prefix, sample) row
+    max_new_tokens = max(budgets)
     from transformers import AttentionInterface
     AttentionInterface.register(_ATTN_NAME, _cascade_attention)  # idempotent
     dev = next(model.parameters()).device
@@ -1062,7 +1075,7 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
 
         def run(batch):  # retry at half the batch on out-of-memory
             try:
-                _run_batch(model, batch, max_new_tokens, temperature, top_p, eos, stopper, backend,
+                _run_batch(model, batch, row_budgets, temperature, top_p, eos, stopper, backend,
                            results, prefill_tokens)
             except torch.cuda.OutOfMemoryError:
                 rows = sum(len(r) for _, r in batch)

@@ -469,8 +469,9 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-def generate(model, tokenizer, prefixes: list, k: int, max_new_tokens: int, temperature: float, top_p: float, desc: str):
-    """THE sampler call: k continuations of each prefix (token ids). Returns (tokens, finished) as
+def generate(model, tokenizer, prefixes: list, k: int, max_new_tokens, temperature: float, top_p: float, desc: str):
+    """THE sampler call: k continuations of each prefix (token ids), at most max_new_tokens (an int, or one
+    per prefix) new tokens each. Returns (tokens, finished) as
     kernels.sample_continuations does: prefix sharing, batched decoding, per-row stopping."""
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
     model.eval()
@@ -566,13 +567,14 @@ def vine_values(model, tokenizer, episodes: list, args: Args, task: str):
                 state_index[tuple(prefix)] = len(prefixes)
                 prefixes.append(prefix)
                 owner.append((e, len(e.prompt_ids)))
-    tokens, finished = generate(model, tokenizer, prefixes, args.k, args.max_new_tokens, args.temperature, args.top_p,
+    # a continuation may use what the response cap leaves after the written steps: same cap, same reward rule
+    budgets = [args.max_new_tokens - (len(prefix) - P) for prefix, (_, P) in zip(prefixes, owner)]
+    tokens, finished = generate(model, tokenizer, prefixes, args.k, budgets, args.temperature, args.top_p,
                                 desc="MC rollouts")
     V_state = []
     for prefix, (e, P), conts, done in zip(prefixes, owner, tokens, finished):
         written = prefix[P:]
-        rewards = [float(d and len(written) + len(c) <= args.max_new_tokens and grade(decode(tokenizer, written + c), e.gold, task))
-                   for c, d in zip(conts, done)]
+        rewards = [float(d and grade(decode(tokenizer, written + c), e.gold, task)) for c, d in zip(conts, done)]
         V_state.append(sum(rewards) / len(rewards))
     V = []
     for e in episodes:
@@ -822,8 +824,11 @@ def value_analysis(policy, tokenizer, rows: list, args: Args, task: str, critic=
         torch.manual_seed(seed)
         # 1. states s_i = prompt + first i steps of sampled responses
         states, where = [], []     # (prompt_ids, written_ids, gold), (i, n)
+        room = getattr(policy.config, "max_position_embeddings", None) or math.inf   # rollouts need prefix + max_new_tokens
         for e in sample_episodes(policy, tokenizer, rows[:n_states], dataclasses.replace(args, samples_per_prompt=1), task):
             for i in range(min(len(e.steps), args.max_states)):
+                if len(e.prompt_ids) + e.step_starts[i] + args.max_new_tokens > room:
+                    break
                 states.append((e.prompt_ids, e.response_ids[:e.step_starts[i]], e.gold)); where.append((i, len(e.steps)))
         states, where = states[:n_states], where[:n_states]
         # 2. alternative next steps: continue from s_i, cut after the first step that starts past `written`
@@ -838,7 +843,8 @@ def value_analysis(policy, tokenizer, rows: list, args: Args, task: str, critic=
                 nxt = [s for s in step_token_starts(full, split_steps(dec(full), task), dec) if s > len(written)]
                 reward = None if nxt else float(d and len(full) <= args.max_new_tokens and grade(dec(full), gold, task))
                 seen.setdefault(tuple(full[:nxt[0]] if nxt else full), reward)
-            alts.append(seen)
+            too_long = any(r is None and len(states[j][0]) + len(a) + args.max_new_tokens > room for a, r in seen.items())
+            alts.append({} if too_long else seen)   # (an empty one counts as skipped)
         alt_states = [(states[j][0], list(a), states[j][2]) for j, seen in zip(ranked, alts) for a, r in seen.items() if r is None]
         # 3. values of all states: ground truth, MC estimate (independent rollouts), critic
         everything = states + alt_states

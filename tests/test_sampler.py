@@ -251,3 +251,21 @@ def test_edge_cases_and_length_assert():
     assert ks.sample_continuations(model, [], k=2, max_new_tokens=4) == ([], [])
     with pytest.raises(AssertionError, match="positions"):
         ks.sample_continuations(model, [[1] * 100], k=1, max_new_tokens=29)
+
+
+def test_per_prefix_budgets_greedy_and_lengths():
+    """max_new_tokens may differ per prefix (VinePPO: what the response cap leaves after a state's
+    written steps): each row stops, unfinished, at its own budget; greedy tokens still equal HF's."""
+    model = _llama()
+    budgets = [3, 9, 1, 5, 7, 2]
+    toks, fin = ks.sample_continuations(model, PREFIXES, 2, budgets, temperature=0.0)
+    for p, b, rows, f in zip(PREFIXES, budgets, toks, fin):
+        assert [len(r) for r in rows] == [b, b] and f == [False, False]
+        assert rows[0] == _hf_greedy(model, p, b)
+    # sampled rows, with an EOS id that ends some rows early: never longer than their own budget
+    torch.manual_seed(0)
+    toks, fin = ks.sample_continuations(model, PREFIXES, 4, budgets, temperature=1.0, eos_token_ids=[5])
+    for b, rows, fs in zip(budgets, toks, fin):
+        for r, f in zip(rows, fs):
+            assert len(r) <= b and f == (len(r) > 0 and r[-1] == 5) and 5 not in r[:-1]
+            assert f or len(r) == b
