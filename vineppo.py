@@ -561,7 +561,7 @@ def vine_values(model, tokenizer, episodes: list, args: Args, task: str):
     the prefix s_i (prompt + first i steps) and K continuations are sampled; each is graded on the
     whole solution (written steps + continuation). Identical states are sampled once (s_0 is shared by
     all samples of a prompt); the continuations are used for values only, never trained on.
-    Returns (V_hat per episode: list of lists, number of rollouts, list of (prefix, rewards) per state)."""
+    Returns (V_hat per episode: a list of n values each, number of rollouts sampled)."""
     state_index, prefixes, owner = {}, [], []   # owner: (episode, prompt length) of each unique state
     for e in episodes:
         for i in range(min(len(e.steps), args.max_states)):   # spec 3: the first 25 states only

@@ -215,7 +215,9 @@ def plot(opts, data: dict, analysis: dict = None) -> None:
                        label=f"{'critic' if est == 'critic' else 'MC K=' + str(res['k'])} ({name}): {res['mae'][est]:.3f}")
                 x0 += 1
         ax.set_xticks(centers, [f"{a:.1f}-{b:.1f}" for a, b in zip(edges, edges[1:])])
-        ax.set_xlabel("position in the chain (i / n)"); ax.set_ylabel("MAE vs 256-rollout truth"); ax.legend(fontsize=8)
+        top = max(v for r in analysis.values() for est in r["mae"] for v in r["mae_by_position"][est] if v is not None)
+        ax.set_ylim(0, 1.5 * top)   # room for the legend above the bars
+        ax.set_xlabel("position in the chain (i / n)"); ax.set_ylabel("MAE vs many-rollout truth"); ax.legend(fontsize=8, loc="upper left")
         ax.set_title("value prediction error")
         path = os.path.join(os.path.dirname(opts.figure), "compare_value_mae.png")
         fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
