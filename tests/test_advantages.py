@@ -170,7 +170,7 @@ def test_critic_gae_and_value_loss_closed_form(tmp_path):
     loss = vp.critic_loss(critic, eps, tok.pad_token_id, V_old, G, clip=0.2, n_tokens=6)
     V_new = V_old + 0.5
     expected = 0.5 * torch.maximum((V_new - G) ** 2, (V_old + 0.2 - G) ** 2).mean()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_whiten():
