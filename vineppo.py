@@ -14,7 +14,6 @@ The file reads top to bottom in the algorithm's order:
 The heavy lifting (log-probs without logits, prefix-sharing sampling) lives in kernels.py.
 """
 import argparse
-import copy
 import dataclasses
 import hashlib
 import json
