@@ -1000,7 +1000,8 @@ def train(args: Args) -> list:
     scheduler = warmup_linear_schedule(optimizer, total_steps, args.warmup)
     critic = critic_optimizer = critic_scheduler = None
     if args.advantage == "critic":
-        critic = make_critic(source, device)
+        with torch.random.fork_rng(devices=[]):   # its head's init must not shift the sampling RNG: every method
+            critic = make_critic(source, device)   # then sees the same iteration-0 evaluation and data
         critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         critic_scheduler = warmup_linear_schedule(critic_optimizer, total_steps, args.warmup)
 
