@@ -562,13 +562,16 @@ def vine_values(model, tokenizer, episodes: list, args: Args, task: str):
     all samples of a prompt); the continuations are used for values only, never trained on.
     Returns (V_hat per episode: a list of n values each, number of rollouts sampled)."""
     state_index, prefixes, owner = {}, [], []   # owner: (episode, prompt length) of each unique state
+    states_of = []                               # per episode: index of each of its states among the unique ones
     for e in episodes:
+        states_of.append([])
         for i in range(min(len(e.steps), args.max_states)):   # spec 3: the first 25 states only
             prefix = e.prompt_ids + e.response_ids[:e.step_starts[i]]
             if tuple(prefix) not in state_index:
                 state_index[tuple(prefix)] = len(prefixes)
                 prefixes.append(prefix)
                 owner.append((e, len(e.prompt_ids)))
+            states_of[-1].append(state_index[tuple(prefix)])
     # a continuation may use what the response cap leaves after the written steps: same cap, same reward rule
     budgets = [args.max_new_tokens - (len(prefix) - P) for prefix, (_, P) in zip(prefixes, owner)]
     tokens, finished = generate(model, tokenizer, prefixes, args.k, budgets, args.temperature, args.top_p,
@@ -579,10 +582,9 @@ def vine_values(model, tokenizer, episodes: list, args: Args, task: str):
         rewards = [float(d and grade(decode(tokenizer, written + c), e.gold, task)) for c, d in zip(conts, done)]
         V_state.append(sum(rewards) / len(rewards))
     V = []
-    for e in episodes:
-        n = len(e.steps)
-        V_e = [V_state[state_index[tuple(e.prompt_ids + e.response_ids[:e.step_starts[i]])]] for i in range(min(n, args.max_states))]
-        V.append(V_e + [e.reward] * (n - len(V_e)))   # spec 3: past the cap V = R, so those steps get A = 0
+    for e, states in zip(episodes, states_of):
+        V_e = [V_state[s] for s in states]
+        V.append(V_e + [e.reward] * (len(e.steps) - len(V_e)))   # spec 3: past the cap V = R, so those steps get A = 0
     return V, len(prefixes) * args.k
 
 
