@@ -14,6 +14,8 @@ The file reads top to bottom in the algorithm's order:
 The heavy lifting (log-probs without logits, prefix-sharing sampling) lives in kernels.py.
 """
 import argparse
+import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -77,6 +79,8 @@ class Args:
     skip_ratio: float = arg(10.0, "skip a mini-batch whose mean ratio exceeds this")
     value_clip: float = arg(0.2, "critic: value clip range around the old values")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward (GPU memory for 1B-7B models)")
+    lora_rank: int = arg(0, "LoRA rank on every linear layer of the policy (0: full fine-tuning); the frozen base is then the KL reference")
+    lora_alpha: Optional[float] = arg(None, "LoRA scale: the update B A is multiplied by alpha / rank (default: 2 x rank)")
     # --- evaluation
     eval_every: int = arg(50, "evaluate every this many iterations (and before training and at the end)")
     eval_problems: Optional[int] = arg(None, "test problems evaluated (default: all)")
@@ -149,6 +153,8 @@ def validate(args: Args) -> Optional[str]:
                  "mini_batch", "micro_batch", "eval_samples", "save_every", "eval_every", "max_states"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
+    if args.lora_rank < 0 or (args.lora_alpha is not None and (args.lora_alpha <= 0 or args.lora_rank == 0)):
+        return "--lora-rank must be >= 0, and --lora-alpha > 0 and only with --lora-rank >= 1"
     if args.advantage in ("grpo", "rloo") and args.samples_per_prompt < 2:
         return f"--advantage {args.advantage} needs --samples-per-prompt >= 2"
     if not 0 < args.top_p <= 1 or args.temperature <= 0:
@@ -435,14 +441,45 @@ def resolve_model(args: Args) -> str:
     return PRESETS[args.model][args.task] if args.model in PRESETS else args.model
 
 
+LORA_FILE, LORA_CONFIG = "adapter_model.safetensors", "adapter_config.json"   # PEFT's own names: PeftModel loads them
+
+
 def load_policy(path: str, device: torch.device, args: Args):
-    """Policy (fp32 master weights; bf16 autocast on a GPU), frozen reference, tokenizer.
-    The reference is the starting checkpoint itself (spec 1), kept in bf16 on a GPU."""
+    """Policy (fp32 master weights; bf16 autocast on a GPU) and tokenizer, from the SFT model or a checkpoint.
+    With --lora-rank: the base is frozen (bf16 on a GPU) and only LoRA weights (fp32) train; a LoRA
+    checkpoint holds the adapter alone, so the base is reloaded from the model the run started from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    saved = json.load(open(os.path.join(path, LORA_CONFIG))) if os.path.isfile(os.path.join(path, LORA_CONFIG)) else {}
+    alpha = float(args.lora_alpha or 2 * args.lora_rank)
+    written = (saved.get("r", 0), saved.get("lora_alpha", 0.0))     # a full fine-tuning checkpoint: rank 0
+    if os.path.isfile(os.path.join(path, "COMPLETE")) and written != (args.lora_rank, alpha):
+        raise ValueError(f"{path} was written with --lora-rank {written[0]} --lora-alpha {written[1]:g}: load it with "
+                         f"the same flags (got --lora-rank {args.lora_rank} --lora-alpha {alpha:g})")
+    if args.lora_rank == 0:
+        policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    else:
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from peft.tuners.lora import LoraLayer
+        from safetensors.torch import load_file
+        base = saved.get("base_model_name_or_path", path)
+        policy = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        policy.requires_grad_(False)
+        config = LoraConfig(r=args.lora_rank, lora_alpha=alpha, target_modules="all-linear", lora_dropout=0.0,
+                            base_model_name_or_path=base)   # "all-linear": every nn.Linear except the lm_head
+        with torch.random.fork_rng(devices=[]):   # the init of A must not shift the sampling RNG (B = 0: the policy
+            torch.manual_seed(args.seed)          # starts as the SFT model, and sees the same data as full fine-tuning)
+            inject_adapter_in_model(copy.deepcopy(config), policy)   # in place; peft rewrites the config it is given
+        for m in policy.modules():
+            if isinstance(m, LoraLayer):
+                m.lora_A.float(); m.lora_B.float()   # fp32 masters under a bf16 base (peft gives them the base's dtype)
+        if saved:
+            weights = {k.removeprefix("base_model.model."): v for k, v in load_file(os.path.join(path, LORA_FILE)).items()}
+            assert not set_peft_model_state_dict(policy, weights).unexpected_keys, f"{path}: adapter does not fit {base}"
+        policy.lora_config = config               # save_checkpoint writes it as adapter_config.json
+        policy.to(device)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     policy.config.use_cache = False
@@ -456,6 +493,21 @@ def load_reference(path: str, device: torch.device):
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     reference.requires_grad_(False)
     return reference
+
+
+@contextlib.contextmanager
+def adapters_off(policy):
+    """LoRA: inside this block the policy is its frozen base, i.e. the SFT model: the KL reference without a
+    second copy of the weights (for 7B, 14 GB saved). A disabled LoRA layer computes exactly base_layer(x)."""
+    from peft.tuners.lora import LoraLayer
+    layers = [m for m in policy.modules() if isinstance(m, LoraLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield policy
+    finally:
+        for m in layers:
+            m.enable_adapters(True)   # (peft also sets the adapters' requires_grad back to True)
 
 
 def encode_prompt(tokenizer, problem: str, task: str) -> list:
@@ -683,9 +735,12 @@ def ppo_update(policy, reference, optimizer, scheduler, episodes: list, token_ad
     """PPO epochs over the iteration's episodes (spec 5). old and reference log-probs come from the
     training forward before the first step; each optimizer step sees one mini-batch of episodes,
     accumulated over micro-batches. Loss (the shared part of all methods):
-      L = token-mean max(-A rho, -A clip(rho, 1-eps, 1+eps)) + beta * seq-mean sum_t KL_k3   (Eq. (1) + PPO clip)"""
+      L = token-mean max(-A rho, -A clip(rho, 1-eps, 1+eps)) + beta * seq-mean sum_t KL_k3   (Eq. (1) + PPO clip)
+    reference None (LoRA): the reference is the policy with its adapters off."""
     old_logp = token_logprobs(policy, episodes, pad_id, args.temperature, args.micro_batch).cpu()       # [N]
-    ref_logp = token_logprobs(reference, episodes, pad_id, args.temperature, args.micro_batch).cpu()    # [N]
+    with adapters_off(policy) if reference is None else contextlib.nullcontext(reference) as ref:
+        ref_logp = token_logprobs(ref, episodes, pad_id, args.temperature, args.micro_batch).cpu()      # [N]
+    params = [p for p in policy.parameters() if p.requires_grad]   # LoRA: the adapters only
     lengths = [len(e.response_ids) for e in episodes]
     offsets = [0]
     for L in lengths:
@@ -732,7 +787,7 @@ def ppo_update(policy, reference, optimizer, scheduler, episodes: list, token_ad
                 stats["update/skipped"] += 1
                 bar.update()
                 continue
-            stats["update/grad_norm"] += float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm))
+            stats["update/grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
             optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
             if critic_optimizer is not None:
                 torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
@@ -946,7 +1001,15 @@ def save_checkpoint(out: str, iteration: int, policy, tokenizer, optimizer, sche
     moment leaves either the old or the new checkpoint complete (load_checkpoint handles the swap)."""
     tmp, final, old = (os.path.join(out, n) for n in ("ckpt.tmp", "ckpt", "ckpt.old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp, safe_serialization=True)
+    if getattr(policy, "lora_config", None) is None:
+        policy.save_pretrained(tmp, safe_serialization=True)
+    else:   # LoRA: the adapter only (the base is the source model), named as PeftModel.from_pretrained(base, ckpt) expects
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+        os.makedirs(tmp)
+        adapter = {"base_model.model." + k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(policy).items()}
+        save_file(adapter, os.path.join(tmp, LORA_FILE))
+        policy.lora_config.save_pretrained(tmp)   # LORA_CONFIG: rank, alpha, target modules, base model
     tokenizer.save_pretrained(tmp)
     torch.save({"iteration": iteration, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
@@ -993,12 +1056,13 @@ def train(args: Args) -> list:
     random.seed(args.seed)
 
     policy, tokenizer = load_policy(ckpt or source, device, args)
-    reference = load_reference(source, device)
+    reference = load_reference(source, device) if args.lora_rank == 0 else None   # LoRA: the policy's frozen base
     train_rows = load_problems(task, "train", args.train_file)
     test_rows = load_problems(task, "test", args.test_file)[:args.eval_problems]
     episodes_per_iter = args.prompts_per_iteration * args.samples_per_prompt
     total_steps = args.iterations * args.epochs * math.ceil(episodes_per_iter / args.mini_batch)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    trainable = [p for p in policy.parameters() if p.requires_grad]   # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     scheduler = warmup_linear_schedule(optimizer, total_steps, args.warmup)
     critic = critic_optimizer = critic_scheduler = None
     if args.advantage == "critic":
