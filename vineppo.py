@@ -47,7 +47,7 @@ class Args:
     # --- run
     out: str = arg("runs/vineppo", "output folder: config.json, metrics.jsonl, ckpt/")
     seed: int = arg(1, "seed of sampling, data order and initialisation of new heads")
-    iterations: Optional[int] = arg(None, "PPO iterations (default: GSM8K 650, MATH 1000 as in the paper; demo 150)")
+    iterations: Optional[int] = arg(None, "PPO iterations (default: GSM8K 650, MATH 1000 as in the paper; demo 30)")
     resume: bool = arg(False, "continue the run in --out from its last checkpoint")
     save_every: int = arg(10, "write a checkpoint every this many iterations (and at the end)")
     device: str = arg("auto", "cuda, cpu or auto")
@@ -88,7 +88,7 @@ class Args:
     eval_temperature: float = arg(0.35, "evaluation sampling temperature (paper: 0.35)")
     value_analysis: int = arg(0, "after training, the value analysis (paper section 7) on this many states of test responses: <out>/value_analysis.json (0: off)")
     # --- demo only: the tiny model and its SFT stage (cached under $XDG_CACHE_HOME/vineppo)
-    sft_steps: int = arg(500, "demo: SFT optimizer steps of the tiny model")
+    sft_steps: int = arg(700, "demo: SFT optimizer steps of the tiny model")
     sft_lr: float = arg(3e-3, "demo: SFT learning rate")
     sft_batch: int = arg(64, "demo: SFT batch size")
 
@@ -97,7 +97,7 @@ PRESETS = {  # spec 1: the authors' SFT checkpoints; the frozen reference is the
     "rho-math-1.1b": {"gsm8k": "realtreetune/rho-1b-sft-GSM8K", "math": "realtreetune/rho-1b-sft-MATH"},
     "deepseekmath-7b": {"gsm8k": "realtreetune/deepseekmath-7b-sft-GSM8K", "math": "realtreetune/deepseekmath-7b-sft-MATH-v2"},
 }
-PAPER_ITERATIONS = {"gsm8k": 650, "math": 1000, "arith": 150}
+PAPER_ITERATIONS = {"gsm8k": 650, "math": 1000, "arith": 30}   # arith: the demo's, not the paper's
 
 # The demo (tiny model, arith task, 2 CPU cores, 10 minutes) departs from the paper's defaults here.
 # Each value applies only when the flag is not given on the command line.
@@ -106,10 +106,10 @@ DEMO_DEFAULTS = dict(
     samples_per_prompt=4,      # NOTE: paper 8; 64 x 4 = 256 episodes is the smallest stable batch we found
     temperature=1.0,           # NOTE: paper 0.6; the tiny model trained from scratch is already sharp
     top_p=1.0,                 # NOTE: paper 0.9; no nucleus cut on a 20-token vocabulary
-    max_new_tokens=64,         # answers are ~50 characters
+    max_new_tokens=150,        # the longest solutions (5 worked multiplications) are ~125 characters
     mini_batch=128, micro_batch=128,  # 2 epochs x 2 mini-batches = 4 optimizer steps per iteration
-    lr=3e-5,                   # NOTE: paper 1e-6 for 1B-7B models; 1e-4 degraded the tiny model within 20 iterations
-    eval_every=15, eval_problems=500, eval_samples=4,
+    lr=1e-4,                   # NOTE: paper 1e-6 for 1B-7B models; on the tiny model 3e-5 also learns, about half as fast
+    eval_every=10, eval_problems=500, eval_samples=4,
 )
 
 
@@ -178,17 +178,31 @@ def format_prompt(problem: str, task: str) -> str:
 
 def make_arith_problem(rng: random.Random) -> dict:
     """The built-in task: `a op b op c ...` evaluated left to right modulo 100, one step per line.
-    a in 0-99, 3-5 operations from {+, -, *} with operands 1-9: each step is easy, but one slip
-    anywhere ruins the answer, so which step went wrong is exactly the credit-assignment question."""
+    a in 0-99, 3-5 operations from {+, -, *} with operands 1-9; one slip anywhere ruins the answer, so
+    which step went wrong is exactly the credit-assignment question. The solutions write each
+    multiplication in one of two ways, at random: recalled (`47*8=76`: one of 900 facts) or worked out
+    digit by digit (`47*8=40*8+7*8=20+56=76`: single-digit facts and an addition). The tiny model
+    recalls many facts wrongly but works most out right, so the SFT model knows both ways and picks
+    either; which way to take at each multiplication is the behaviour RL has to learn from 0/1 rewards."""
     x = rng.randrange(100)
     problem, lines = str(x), []
     for _ in range(rng.randint(3, 5)):
         op, b = rng.choice("+-*"), rng.randint(1, 9)
         y = {"+": x + b, "-": x - b, "*": x * b}[op] % 100
         problem += f"{op}{b}"
-        lines.append(f"{x}{op}{b}={y}\n")
+        if op == "*" and rng.random() < 0.5:   # worked: (10 t + u) * b = 10 (t b mod 10) + u b  (mod 100)
+            t, u = divmod(x, 10)
+            lines.append(f"{x}*{b}={t}0*{b}+{u}*{b}={t * b % 10 * 10}+{u * b}={y}\n")
+        else:
+            lines.append(f"{x}{op}{b}={y}\n")
         x = y
     return {"problem": problem, "solution": "".join(lines) + f"#### {x}", "answer": str(x)}
+
+
+def worked_share(texts: list) -> Optional[float]:
+    """arith: share of the multiplication steps in `texts` that are worked out rather than recalled."""
+    mults = re.findall(r"^\d+\*\d=(\d+0\*)?", "\n".join(texts), flags=re.M)   # group 1 matches the worked form
+    return sum(bool(m) for m in mults) / len(mults) if mults else None
 
 
 def load_problems(task: str, split: str, path: Optional[str] = None) -> list:
@@ -383,7 +397,7 @@ def tiny_model(tokenizer):
     """The demo policy: a 2-layer Llama, width 96, ~0.23 M parameters, from scratch."""
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
                          tie_word_embeddings=False)
     return LlamaForCausalLM(config)
@@ -393,7 +407,7 @@ def demo_sft_model(args: Args) -> str:
     """Train the tiny model on arith solutions (spec 7's SFT recipe, scaled down) once per settings,
     cache it under $XDG_CACHE_HOME/vineppo/sft-<hash>, return the folder. Every seed and method of
     the demo then starts from the same weights."""
-    settings = dict(version=1, steps=args.sft_steps, lr=args.sft_lr, batch=args.sft_batch, model="llama-2x96", data="arith-v1")
+    settings = dict(version=1, steps=args.sft_steps, lr=args.sft_lr, batch=args.sft_batch, model="llama-2x96-p256", data="arith-v2")
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vineppo", f"sft-{key}")
     if os.path.isfile(os.path.join(cache, "config.json")):
@@ -827,8 +841,11 @@ def evaluate(model, tokenizer, problems: list, args: Args, task: str) -> dict:
         maj_n.append(majority is not None and correct[answers.index(majority)])
     mean = lambda xs: float(sum(xs) / max(1, len(xs)))
     n = args.eval_samples
-    return {"eval/accuracy": mean(acc), f"eval/pass@{n}": mean(pass_n), f"eval/maj@{n}": mean(maj_n),
-            "eval/greedy_accuracy": mean(greedy_acc), "eval/problems": len(problems)}
+    out = {"eval/accuracy": mean(acc), f"eval/pass@{n}": mean(pass_n), f"eval/maj@{n}": mean(maj_n),
+           "eval/greedy_accuracy": mean(greedy_acc), "eval/problems": len(problems)}
+    if task == "arith":   # what the demo's RL changes: how often a multiplication is worked out
+        out["eval/worked_share"] = worked_share([decode(tokenizer, c) for conts in sampled for c in conts])
+    return out
 
 
 # ============================================================================ 7b. Value analysis (paper section 7)
@@ -1139,6 +1156,8 @@ def main(argv=None) -> None:
     print(f"test accuracy {first['eval/accuracy']:.3f} -> {last['eval/accuracy']:.3f} "
           f"(greedy {first['eval/greedy_accuracy']:.3f} -> {last['eval/greedy_accuracy']:.3f}) "
           f"on {last['eval/problems']} problems in {time.time() - t0:.0f}s; metrics in {args.out}/metrics.jsonl")
+    if first.get("eval/worked_share") is not None and last.get("eval/worked_share") is not None:
+        print(f"multiplications worked out rather than recalled: {first['eval/worked_share']:.2f} -> {last['eval/worked_share']:.2f}")
 
 
 if __name__ == "__main__":

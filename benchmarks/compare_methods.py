@@ -97,6 +97,7 @@ def collect(opts) -> dict:
             runs[seed] = {
                 "eval": {r["iteration"]: r["eval/accuracy"] for r in records if "eval/accuracy" in r},
                 "greedy": {r["iteration"]: r["eval/greedy_accuracy"] for r in records if "eval/accuracy" in r},
+                "worked": {r["iteration"]: r.get("eval/worked_share") for r in records if "eval/accuracy" in r},
                 "kl": {0: 0.0, **{r["iteration"]: r.get("loss/kl", 0.0) for r in train}},
                 "reward": {r["iteration"]: r["train/reward"] for r in train},
                 "s_per_iter": sum(r["time/sample"] + r["time/mc"] + r["time/update"] for r in train) / len(train),
@@ -108,6 +109,7 @@ def collect(opts) -> dict:
             out[method] = {"runs": runs, "its": its,
                            "acc": {i: [r["eval"][i] for r in runs.values()] for i in its},
                            "greedy": {i: [r["greedy"][i] for r in runs.values()] for i in its},
+                           "worked": {i: [r["worked"][i] for r in runs.values() if r["worked"][i] is not None] for i in its},
                            # KL at an eval point: the mean over the iterations since the previous eval point
                            # (one iteration's KL is noisy: it is measured during that iteration's 4 optimizer steps)
                            "kl": {i: [window_mean(r["kl"], prev, i) for r in runs.values()] for prev, i in zip([0] + its, its)}}
@@ -136,6 +138,11 @@ def table(opts, data: dict, analysis: dict = None) -> str:
               "| method | seeds | " + " | ".join(f"it {i}" for i in its) + " |", "|---|---|" + "---|" * len(its)]
     for m, d in data.items():
         lines.append(f"| {m} | {len(d['runs'])} | " + " | ".join(fmt(d["kl"][i], 4) for i in its) + " |")
+    if all(d["worked"][i] for d in data.values() for i in its):   # eval/worked_share: what RL changes on this task
+        lines += ["", "Share of the multiplications in the sampled test responses that are worked out rather than recalled:", "",
+                  "| method | seeds | " + " | ".join(f"it {i}" for i in its) + " |", "|---|---|" + "---|" * len(its)]
+        for m, d in data.items():
+            lines.append(f"| {m} | {len(d['runs'])} | " + " | ".join(fmt(d["worked"][i], 2) for i in its) + " |")
     critic_best = None
     if "critic" in data:
         curve = {i: mean_std(data["critic"]["acc"][i])[0] for i in its}

@@ -41,6 +41,36 @@ def test_arith_solution_steps():
     assert steps[-1].endswith(f"#### {row['answer']}")
 
 
+def test_arith_solutions_are_correct_mod_100_in_both_forms():
+    """Every line of every solution is true arithmetic mod 100, recalled (`47*8=76`) and worked
+    (`47*8=40*8+7*8=20+56=76`) alike; the answer is the last result; both forms occur."""
+    forms = set()
+    for i in range(300):
+        row = vp.make_arith_problem(random.Random(f"check-{i}"))
+        *lines, answer_line = row["solution"].split("\n")
+        x = int(row["problem"].split("+")[0].split("-")[0].split("*")[0])
+        ops = [(c, int(d)) for c, d in zip(row["problem"][len(str(x))::2], row["problem"][len(str(x)) + 1::2])]
+        assert len(lines) == len(ops)
+        for line, (op, b) in zip(lines, ops):
+            y = {"+": x + b, "-": x - b, "*": x * b}[op] % 100
+            parts = line.split("=")
+            assert parts[0] == f"{x}{op}{b}" and parts[-1] == str(y), line
+            if len(parts) == 4:                               # worked: t0*b+u*b = (10 t b mod 100) + u b
+                t, u = divmod(x, 10)
+                assert op == "*" and parts[1] == f"{t}0*{b}+{u}*{b}" and parts[2] == f"{t * b % 10 * 10}+{u * b}"
+                assert (t * b % 10 * 10 + u * b) % 100 == y
+            forms.add((op, len(parts)))
+            x = y
+        assert answer_line == f"#### {x}" and row["answer"] == str(x)
+    assert {("*", 2), ("*", 4), ("+", 2), ("-", 2)} == forms
+
+
+def test_worked_share_counts_multiplication_steps_only():
+    texts = ["49+5=54\n54*8=50*8+4*8=0+32=32\n32*2=64\n#### 64", "7*8=00*8+7*8=0+56=56\n#### 56", "1+2=3\n#### 3"]
+    assert vp.worked_share(texts) == pytest.approx(2 / 3)
+    assert vp.worked_share(["1+2=3\n#### 3"]) is None
+
+
 def _inside(text, start, end, pos):
     return start < pos < end
 
