@@ -132,8 +132,8 @@ def test_value_analysis_leaves_the_rng_alone(tmp_path):
 def test_train_writes_value_analysis_with_the_trained_critic(demo_cache, tmp_path):
     import json
     import os
-    small = ["--sft-steps", "150", "--prompts-per-iteration", "8", "--samples-per-prompt", "2", "--mini-batch", "16",
-             "--micro-batch", "16", "--eval-problems", "10", "--eval-samples", "1", "--max-new-tokens", "48"]
+    small = ["--prompts-per-iteration", "8", "--samples-per-prompt", "2", "--mini-batch", "16",   # the demo's SFT model
+             "--micro-batch", "16", "--eval-problems", "10", "--eval-samples", "1"]
     out = tmp_path / "run"
     vp.train(vp.parse_args(["--out", str(out), "--advantage", "critic", "--iterations", "1", "--value-analysis", "6", *small]))
     with open(os.path.join(out, "value_analysis.json")) as f:
@@ -162,7 +162,8 @@ def test_compare_methods_table_on_synthetic_runs(tmp_path):
                         r.update({"train/reward": 0.5, "loss/kl": 0.01 * it, "time/sample": 1.0, "time/mc": 2.0 if method == "vine" else 0.0,
                                   "time/update": 1.0})
                     if it % 2 == 0:
-                        r.update({"eval/accuracy": acc[it // 2], "eval/greedy_accuracy": acc[it // 2]})
+                        r.update({"eval/accuracy": acc[it // 2], "eval/greedy_accuracy": acc[it // 2],
+                                  "eval/worked_share": 0.5 + 0.1 * it + 0.1 * seed})
                     f.write(json.dumps(r) + "\n")
     opts = types.SimpleNamespace(methods=["vine", "critic"], seeds=[1, 2, 3], iterations=4, out=str(tmp_path))
     data = cm.collect(opts)
@@ -170,6 +171,7 @@ def test_compare_methods_table_on_synthetic_runs(tmp_path):
     assert data["vine"]["kl"][2] == [pytest.approx(0.015)] * 2                    # mean over iterations 1-2
     text = cm.table(opts, data)
     assert "| vine | 2 | 0.500 ± 0.000 | 0.650 ± 0.071 | 0.750 ± 0.071 |" in text
+    assert "| vine | 2 | 0.65 ± 0.07 | 0.85 ± 0.07 | 1.05 ± 0.07 |" in text.split("worked out rather than recalled")[1]
     # the critic's best mean is 0.6 (iterations 2 and 4): vine's mean curve first reaches it at iteration 2
     row = next(line for line in text.splitlines() if line.startswith("| vine | 2 | 0.750"))
     assert row.split("|")[-3].strip() == "2" and "critic's best (0.600)" in text
