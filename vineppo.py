@@ -6,6 +6,7 @@ rollouts from every reasoning step. Read it beside the paper, arXiv 2410.01679v2
     python vineppo.py                                   # built-in demo: trains a tiny model on a CPU
     python vineppo.py --model rho-math-1.1b --k 9       # the paper's RhoMath 1.1B SFT model on GSM8K
     python vineppo.py --advantage critic                # the PPO baseline with a value network
+    python vineppo.py --model deepseekmath-7b --lora-rank 64 --gradient-checkpointing   # 7B, LoRA adapters only
 
 The file reads top to bottom in the algorithm's order:
   1. arguments            2. tasks and grading       3. reasoning steps
