@@ -467,7 +467,10 @@ def load_policy(path: str, device: torch.device, args: Args):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    saved = json.load(open(os.path.join(path, LORA_CONFIG))) if os.path.isfile(os.path.join(path, LORA_CONFIG)) else {}
+    saved = {}                                                       # the adapter config of a LoRA checkpoint
+    if os.path.isfile(os.path.join(path, LORA_CONFIG)):
+        with open(os.path.join(path, LORA_CONFIG)) as f:
+            saved = json.load(f)
     alpha = float(args.lora_alpha or 2 * args.lora_rank)
     written = (saved.get("r", 0), saved.get("lora_alpha", 0.0))     # a full fine-tuning checkpoint: rank 0
     if os.path.isfile(os.path.join(path, "COMPLETE")) and written != (args.lora_rank, alpha):
@@ -829,10 +832,12 @@ def evaluate(model, tokenizer, problems: list, args: Args, task: str) -> dict:
     greedy, _ = generate(model, tokenizer, prompts, 1, args.max_new_tokens, 0.0, 1.0, desc="eval greedy")
     sampled, done = generate(model, tokenizer, prompts, args.eval_samples, args.max_new_tokens, args.eval_temperature,
                              args.top_p, desc="eval sampled")
-    acc, pass_n, maj_n, greedy_acc = [], [], [], []
+    acc, pass_n, maj_n, greedy_acc, all_texts = [], [], [], [], []
     for p, g, conts, fin in zip(problems, greedy, sampled, done):
         greedy_acc.append(grade(decode(tokenizer, g[0]), p["answer"], task))
-        texts = [decode(tokenizer, c) for c, f in zip(conts, fin) if f]
+        decoded = [decode(tokenizer, c) for c in conts]
+        all_texts += decoded
+        texts = [t for t, f in zip(decoded, fin) if f]
         correct = [grade(t, p["answer"], task) for t in texts]
         acc.append(sum(correct) / len(conts))
         pass_n.append(any(correct))
@@ -845,7 +850,7 @@ def evaluate(model, tokenizer, problems: list, args: Args, task: str) -> dict:
     out = {"eval/accuracy": mean(acc), f"eval/pass@{n}": mean(pass_n), f"eval/maj@{n}": mean(maj_n),
            "eval/greedy_accuracy": mean(greedy_acc), "eval/problems": len(problems)}
     if task == "arith":   # what the demo's RL changes: how often a multiplication is worked out
-        out["eval/worked_share"] = worked_share([decode(tokenizer, c) for conts in sampled for c in conts])
+        out["eval/worked_share"] = worked_share(all_texts)
     return out
 
 
