@@ -581,7 +581,7 @@ if HAS_TRITON:
     def _partial_attention_kernel(Q, K, V, O, LSE, LENS, scale, M, T, D,
                                   sq_n, sq_m, sk_n, sk_t, sv_n, sv_t, sl_n, sl_m, LEN_DIV,
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                                  UPCAST: tl.constexpr):
+                                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
         # One program: BLOCK_M queries of one (group or row, KV head) pair n, streaming its keys once
         # (flash-decoding style online softmax); all BLOCK_M queries share every loaded K/V tile.
         n = tl.program_id(0).to(tl.int64)  # int64 offsets: B * Hkv * T * D can pass 2**31
@@ -605,14 +605,14 @@ if HAS_TRITON:
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_M, BLOCK_N)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (BLOCK_M, BLOCK_N)
             s = tl.where(offs_t[None, :] < lens[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
@@ -626,16 +626,33 @@ def _partial_attention_triton(q, k, v, lens, scale, len_div):
     N, M, D = q.shape
     o = torch.empty(N, M, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(N, M, device=q.device, dtype=torch.float32)
-    on_gpu = q.is_cuda
-    bm = 16 if M <= 16 else (64 if on_gpu else 32)
-    grid = (N, triton.cdiv(M, bm))
+    tile = _attention_tile(M, D, q.element_size(), q.is_cuda)
+    grid = (N, triton.cdiv(M, tile["BLOCK_M"]))
     _partial_attention_kernel[grid](q, k, v, o, lse, lens, scale, M, k.shape[1], D,
                                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                    lens.stride(0), lens.stride(1), len_div,
-                                    BLOCK_M=bm, BLOCK_N=64 if on_gpu else 16,
-                                    BLOCK_D=max(16, triton.next_power_of_2(D)),
-                                    UPCAST=not on_gpu or q.dtype == torch.float32)
+                                    lens.stride(0), lens.stride(1), len_div, **tile, **_attention_dtype_options(q))
     return o, lse
+
+
+def _attention_dtype_options(q):
+    """UPCAST: fp32 math (fp32 inputs; the interpreter, whose bf16 math is wrong). fp32 inputs get ieee
+    dots: tf32's 10-bit mantissa would flip near-tied greedy tokens against the model's own attention."""
+    upcast = not q.is_cuda or q.dtype == torch.float32
+    return dict(UPCAST=upcast, DOT_PRECISION="ieee" if upcast else None)
+
+
+def _attention_tile(M, D, element_size, on_gpu):
+    """BLOCK_M queries x BLOCK_N keys per tile. On a GPU the K and V tiles, pipelined 3 deep (Triton's
+    default num_stages), live in shared memory: BLOCK_N x BLOCK_D x element_size is kept <= 16 KiB, so
+    that bf16 and fp32 inputs with head dims 64 and 128 fit a T4's 64 KiB, an A100's 163 KiB and an
+    H100's 227 KiB (tests/test_kernels_compile.py compiles each for sm_75 / sm_80 / sm_90; a 64 x 64 fp32
+    tile needs 224 KiB on sm_90, more than an A100 has). The interpreter pays per tile operation; its tiles are small only to
+    bound the wasted padded work."""
+    block_d = max(16, triton.next_power_of_2(D))
+    if not on_gpu:
+        return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=16, BLOCK_D=block_d)
+    return dict(BLOCK_M=16 if M <= 16 else 64, BLOCK_N=max(16, min(64, 16384 // (block_d * element_size))),
+                BLOCK_D=block_d)
 
 
 _cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

@@ -208,23 +208,25 @@ def worked_share(texts: list) -> Optional[float]:
 
 def load_problems(task: str, split: str, path: Optional[str] = None) -> list:
     """Rows {problem, solution, answer}: `answer` is the gold final answer alone."""
-    if task == "arith" and path:  # rows {problem, solution, answer} as make_arith_problem writes them
+    if path:  # local JSONL in the dataset's own format (arith: rows as make_arith_problem writes them)
         with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if task == "arith":  # seeded, fixed splits; test problems never appear in train
+            rows = [json.loads(line) for line in f if line.strip()]
+        if task == "arith":
+            return rows
+    elif task == "arith":  # seeded, fixed splits; test problems never appear in train
         test = [make_arith_problem(random.Random(f"arith-test-{i}")) for i in range(1000)]
         if split == "test":
             return test
         seen = {row["problem"] for row in test}
         train = (make_arith_problem(random.Random(f"arith-train-{i}")) for i in range(20000))
         return [row for row in train if row["problem"] not in seen]
-    from datasets import load_dataset
-    if path:
-        rows = load_dataset("json", data_files=path, split="train")
-    elif task == "gsm8k":
-        rows = load_dataset("openai/gsm8k", "main", split=split)
-    else:  # MATH: a maintained copy of the train split; MATH500 for test (spec 8)
-        rows = load_dataset("HuggingFaceH4/MATH-500" if split == "test" else "DigitalLearningGmbH/MATH-lighteval", split=split)
+    else:
+        from datasets import load_dataset
+        if task == "gsm8k":
+            rows = load_dataset("openai/gsm8k", "main", split=split)
+        else:  # MATH: a maintained copy of the train split; MATH500 for test (spec 8)
+            rows = load_dataset("HuggingFaceH4/MATH-500" if split == "test" else "DigitalLearningGmbH/MATH-lighteval",
+                                split=split)
     if task == "gsm8k":
         return [{"problem": r["question"], "solution": r["answer"], "answer": r["answer"].split("####")[-1].strip()} for r in rows]
     return [{"problem": r["problem"], "solution": r["solution"], "answer": r.get("answer") or last_boxed(r["solution"]) or ""} for r in rows]

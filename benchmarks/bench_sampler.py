@@ -108,10 +108,14 @@ def make_llama(layers, d, heads, kv_heads, vocab, inter, max_pos, dtype=torch.fl
 
 def cpu_rows(args):
     torch.set_num_threads(args.threads)
-    # Demo-shaped workload: 32 prompts of 12 tokens x 4 responses of 40 tokens in 4 steps -> 416 states,
-    # K = 4 continuations of 40 tokens (the demo's ~410 states x 4 rollouts).
-    states = workload(32, 4, 12, 40, 4, vocab=32)
-    K, T = 4, 40
+    # The demo's MC workload (python vineppo.py, iteration 1: mc/rollouts 1988 = ~500 unique states x K=4,
+    # responses of ~50 tokens in ~4 steps, prompts of ~11): 40 prompts x 4 responses -> 40 + 40 * 4 * 3 =
+    # 520 states (sampled responses share their first steps, so the demo's 64 x 4 dedup to about this).
+    # The demo's continuations end at EOS and average ~30 tokens (50 * (4 + 3 + 2 + 1) / 16 left after
+    # s_0..s_3); here EOS is suppressed and every continuation has 30, so both methods generate exactly
+    # the same tokens.
+    states = workload(40, 4, 11, 50, 4, vocab=32)
+    K, T = 4, 30
     print(f"CPU ({torch.get_num_threads()} threads): {len(states)} states x K={K}, {T} new tokens each, "
           f"prefixes {min(map(len, states))}-{max(map(len, states))} tokens")
     print("(wall-clock rates; `cpu s` is process CPU time, steadier when other jobs share the cores)")
@@ -144,7 +148,7 @@ def bandwidth_gbs(device):
 
 # (label, Llama config, prompts for ours (x 8 responses x 8 states), states for generate, states per generate call)
 GPU_CONFIGS = [
-    ("RhoMath-1.1B", dict(layers=22, d=2048, heads=32, kv_heads=4, vocab=32000, inter=5632, max_pos=2048), 8, 32, 32),
+    ("RhoMath-1.1B", dict(layers=22, d=2048, heads=32, kv_heads=4, vocab=32000, inter=5632, max_pos=2048), 4, 32, 32),
     ("DeepSeekMath-7B", dict(layers=30, d=4096, heads=32, kv_heads=32, vocab=102400, inter=11008, max_pos=4096),
      1, 4, 4),
 ]

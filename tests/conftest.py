@@ -16,6 +16,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import json  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tests that take a `device` run on the CPU everywhere and, where a GPU is present and the Triton
+# interpreter is off (TRITON_INTERPRET=0, as benchmarks/gpu_checks.sh runs them), also on the GPU with
+# the compiled kernels: the cpu case is each GPU case's CPU counterpart, same logic, same assertions.
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else ["cpu"]
 
 ASCII = "".join(chr(c) for c in range(32, 127)) + "\n"
 

@@ -11,6 +11,7 @@ import torch
 
 import kernels as K
 from benchmarks.bench_logprobs import cpu_peak_extra_bytes, naive_logprobs
+from conftest import DEVICES
 
 # (N, d, V): tile-aligned small shape; N=1; ragged rows (2 row tiles), odd multiple of 16 for d
 # (2 d tiles), V not a multiple of the vocabulary tile
@@ -18,13 +19,13 @@ SHAPES = [(128, 128, 4096), (1, 48, 515), (100, 144, 1000)]
 BACKENDS = ["triton", "torch"]
 
 
-def make_inputs(N, d, V, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+def make_inputs(N, d, V, dtype=torch.float32, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)                                  # drawn on the CPU: same values on any device
     hidden = torch.randn(N, d, generator=gen)                                  # [N, d]
     weight = torch.randn(V, d, generator=gen) * (3 / d ** 0.5)                 # [V, d]: logits std ~3
     targets = torch.randint(0, V, (N,), generator=gen)                         # [N]
     grad_logp, grad_entropy = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
-    return hidden.to(dtype), weight.to(dtype), targets, grad_logp, grad_entropy
+    return tuple(t.to(device) for t in (hidden.to(dtype), weight.to(dtype), targets, grad_logp, grad_entropy))
 
 
 def logprobs_and_grads(fn, hidden, weight, targets, grad_logp, grad_entropy, temperature):
@@ -66,12 +67,13 @@ def small_chunks(monkeypatch):
     return set_for_vocab
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N, d, V", SHAPES)
-def test_fp32_forward_backward_match_float64(backend, N, d, V, small_chunks):
+def test_fp32_forward_backward_match_float64(backend, N, d, V, small_chunks, device):
     small_chunks(V)
     temperature = 0.6 if N != 1 else 1.0
-    inputs = make_inputs(N, d, V)
+    inputs = make_inputs(N, d, V, device=device)
     got = logprobs_and_grads(ours(backend), *inputs, temperature)
     expected = float64_oracle(*inputs, temperature)
     for name, a, e in zip(["logp", "entropy", "d hidden", "d weight"], got, expected):
@@ -79,11 +81,12 @@ def test_fp32_forward_backward_match_float64(backend, N, d, V, small_chunks):
         assert_close(a, e, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N, d, V", SHAPES[1:])
-def test_bf16_within_error_of_bf16_torch(backend, N, d, V, small_chunks):
+def test_bf16_within_error_of_bf16_torch(backend, N, d, V, small_chunks, device):
     small_chunks(V)
-    hidden, weight, targets, g1, g2 = make_inputs(N, d, V, torch.bfloat16, seed=1)
+    hidden, weight, targets, g1, g2 = make_inputs(N, d, V, torch.bfloat16, seed=1, device=device)
     got = logprobs_and_grads(ours(backend), hidden, weight, targets, g1, g2, 0.6)
     same_dtype_torch = logprobs_and_grads(naive_logprobs, hidden, weight, targets, g1, g2, 0.6)
     expected = float64_oracle(hidden, weight, targets, g1, g2, 0.6)    # exact maths on the bf16 values
@@ -93,13 +96,14 @@ def test_bf16_within_error_of_bf16_torch(backend, N, d, V, small_chunks):
         assert scaled_error(a, e) <= scaled_error(t, e) + 1e-2, name
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_splits", [1, 2, 3])
-def test_triton_forward_writes_every_statistic(num_splits):
-    # V=1000 is two 512-wide tiles: with 3 splits the last split covers no column and must still
-    # write its (empty) statistics, which the merge must ignore
+def test_triton_forward_writes_every_statistic(num_splits, device):
+    # V=1000 is two 512-wide tiles in the interpreter: with 3 splits the last split covers no column and
+    # must still write its (empty) statistics, which the merge must ignore (a GPU tile is <= 256 wide)
     N, d, V = 100, 144, 1000
-    hidden, weight, targets, _, _ = make_inputs(N, d, V, seed=2)
-    partial = torch.full((4, num_splits, N), float("nan"))                      # poison
+    hidden, weight, targets, _, _ = make_inputs(N, d, V, seed=2, device=device)
+    partial = torch.full((4, num_splits, N), float("nan"), device=device)      # poison
     logp, entropy, lse = K._triton_forward(hidden, weight, targets, 0.6, num_splits=num_splits, partial=partial)
     assert torch.isfinite(partial).all()
     z = (hidden.double() @ weight.double().T) / 0.6                             # [N, V]
@@ -109,10 +113,11 @@ def test_triton_forward_writes_every_statistic(num_splits):
     assert_close(entropy, ref_entropy, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("frozen", ["weight", "hidden"])
-def test_gradient_only_for_inputs_that_require_it(backend, frozen):
-    hidden, weight, targets, g1, g2 = make_inputs(65, 32, 600, seed=3)
+def test_gradient_only_for_inputs_that_require_it(backend, frozen, device):
+    hidden, weight, targets, g1, g2 = make_inputs(65, 32, 600, seed=3, device=device)
     hidden.requires_grad_(frozen != "hidden")
     weight.requires_grad_(frozen != "weight")
     logp, entropy = K.fused_logprobs(hidden, weight, targets, 0.6, backend=backend)
@@ -182,7 +187,7 @@ PPO_SHAPE = (48, 64, 700)
 PPO_KW = dict(temperature=0.6, clip_eps=0.2)
 
 
-def ppo_inputs(seed=5):
+def ppo_inputs(seed=5, device="cpu"):
     hidden, weight, targets, _, _ = make_inputs(*PPO_SHAPE, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     N = PPO_SHAPE[0]
@@ -198,12 +203,13 @@ def ppo_inputs(seed=5):
     ref_logp[:3] = logp[:3].float() + 15.0                                      # k3 > 10: clamped, no gradient
     advantages = torch.randn(N, generator=gen)
     advantages[3:6] = 0.0
-    return hidden, weight, targets, old_logp, ref_logp, advantages
+    return tuple(t.to(device) for t in (hidden, weight, targets, old_logp, ref_logp, advantages))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ppo_loss_matches_float64_spec(backend):
-    hidden, weight, targets, old_logp, ref_logp, advantages = ppo_inputs()
+def test_ppo_loss_matches_float64_spec(backend, device):
+    hidden, weight, targets, old_logp, ref_logp, advantages = ppo_inputs(device=device)
     counts = dict(kl_coef=0.1, entropy_coef=0.01, n_tokens=PPO_SHAPE[0] + 7, n_seqs=5)   # mini-batch > micro-batch
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss, stats = K.ppo_loss(h, w, targets, old_logp, ref_logp, advantages, **PPO_KW, **counts, backend=backend)
@@ -227,9 +233,10 @@ def test_ppo_loss_matches_float64_spec(backend):
     assert torch.equal(stats["clipped"], clipped)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ppo_gradient_at_ratio_one_is_advantage_weighted_logp_gradient(backend):
-    hidden, weight, targets, _, _, advantages = ppo_inputs(seed=6)
+def test_ppo_gradient_at_ratio_one_is_advantage_weighted_logp_gradient(backend, device):
+    hidden, weight, targets, _, _, advantages = ppo_inputs(seed=6, device=device)
     n_tokens = 100
     with torch.no_grad():
         old_logp, _ = K.fused_logprobs(hidden, weight, targets, 0.6, backend=backend)
@@ -247,9 +254,10 @@ def test_ppo_gradient_at_ratio_one_is_advantage_weighted_logp_gradient(backend):
     assert_close(w.grad, w64.grad, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_clipped_tokens_get_exactly_zero_gradient(backend):
-    hidden, weight, targets, old_logp, _, advantages = ppo_inputs(seed=7)
+def test_clipped_tokens_get_exactly_zero_gradient(backend, device):
+    hidden, weight, targets, old_logp, _, advantages = ppo_inputs(seed=7, device=device)
     h = hidden.clone().requires_grad_()
     loss, stats = K.ppo_loss(h, weight, targets, old_logp, None, advantages, **PPO_KW, kl_coef=0.0,
                              n_tokens=48, n_seqs=4, backend=backend)

@@ -13,6 +13,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           Qwen2Config, Qwen2ForCausalLM)
 
 import kernels as ks
+from conftest import DEVICES
 
 V = 24
 
@@ -50,7 +51,9 @@ def _gpt2(seed=0):
 
 
 def _hf_greedy(model, prefix, n, eos=None):
-    out = model.generate(torch.tensor([prefix]), attention_mask=torch.ones(1, len(prefix), dtype=torch.long),
+    dev = model.device
+    out = model.generate(torch.tensor([prefix], device=dev), attention_mask=torch.ones(1, len(prefix), dtype=torch.long,
+                                                                                       device=dev),
                          max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
     return out[0, len(prefix):].tolist()
 
@@ -68,9 +71,11 @@ def test_nest_leaders():
     assert len(set(lead.values())) == 4
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("make", [_llama, _qwen2, _gpt2], ids=["llama", "qwen2", "gpt2"])
-def test_greedy_equals_hf_generate(make):
-    model = make()
+def test_greedy_equals_hf_generate(make, device):
+    """On a GPU this runs the Triton cascade attention (ieee fp32 dots) and the CUDA-graph decode step."""
+    model = make().to(device)
     toks, fin = ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=12, temperature=0)
     for p, rows, f in zip(PREFIXES, toks, fin):
         ref = _hf_greedy(model, p, 12)
@@ -98,11 +103,12 @@ def test_greedy_other_attention_backends(backend, monkeypatch):
     assert toks == [[_hf_greedy(model, p, 3)] * 2 for p in prefixes]
 
 
-def test_partial_attention_kernel_matches_torch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_partial_attention_kernel_matches_torch(device):
     import triton  # noqa: F401
     torch.manual_seed(0)
-    q, k, v = torch.randn(3, 20, 16), torch.randn(3, 40, 16), torch.randn(3, 40, 16)
-    lens = torch.randint(0, 41, (3, 20), dtype=torch.int32)
+    q, k, v = (torch.randn(3, n, 16).to(device) for n in (20, 40, 40))
+    lens = torch.randint(0, 41, (3, 20), dtype=torch.int32).to(device)
     lens[0, 0] = 0  # a query with an empty prefix: output 0, lse -inf
     o1, l1 = ks._partial_attention_torch(q, k, v, lens, 0.25)
     o2, l2 = ks._partial_attention_triton(q, k, v, lens, 0.25, 1)
@@ -110,10 +116,11 @@ def test_partial_attention_kernel_matches_torch():
     assert torch.allclose(l1[~torch.isinf(l1)], l2[~torch.isinf(l2)], atol=1e-5)
 
 
-def test_eos_ends_rows_exactly_with_compaction():
+@pytest.mark.parametrize("device", DEVICES)
+def test_eos_ends_rows_exactly_with_compaction(device):
     """Rows of different prefixes hit EOS at different steps, so finished rows get compacted out while
     several groups are still running; every row equals HF greedy generate with the same EOS, EOS included."""
-    model = _llama(3)
+    model = _llama(3).to(device)
     prefixes = [[i, (3 * i) % V, (5 * i + 1) % V] + [(7 * i) % V] * (i % 4) for i in range(1, 13)]
     refs = [_hf_greedy(model, p, 20) for p in prefixes]
 
@@ -177,11 +184,12 @@ def test_stop_string_then_eos_between_host_checks(monkeypatch):
     assert toks == [[ref[:i + 1]] * 2] and fin == [[True, True]]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sync_every", [None, 4])
-def test_sampled_rows_respect_stop_eos_and_max_new(sync_every, monkeypatch):
+def test_sampled_rows_respect_stop_eos_and_max_new(sync_every, monkeypatch, device):
     """Every row ends at its first EOS / stop string or at max_new_tokens. sync_every=4 is the GPU's
     mode (host checks every few steps): rows overshoot and must be cut back exactly."""
-    tok, model = _char_tokenizer(), _llama(5)
+    tok, model = _char_tokenizer(), _llama(5).to(device)
     torch.manual_seed(0)
     stops, eos, n = ["ab", "c\n"], 3, 15
     monkeypatch.setattr(ks, "SAMPLER_SYNC_EVERY", sync_every)
@@ -216,12 +224,13 @@ def _chi2_sf(x, df):
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8)])
-def test_sampling_distribution_chi_square(temperature, top_p):
+def test_sampling_distribution_chi_square(temperature, top_p, device):
     """Next-token frequencies at a fixed state (first and second generated token) against
     softmax(logits / T) after top-p truncation."""
     torch.manual_seed(7)
-    model = _llama(7, vocab=16)
+    model = _llama(7, vocab=16).to(device)
     prefix, n = [1, 2, 3, 4, 5], 20000
     torch.manual_seed(0)
     toks, _ = ks.sample_continuations(model, [prefix], k=n, max_new_tokens=2, temperature=temperature, top_p=top_p)
@@ -230,7 +239,7 @@ def test_sampling_distribution_chi_square(temperature, top_p):
     seconds = torch.tensor([r[1] for r in toks[0] if r[0] == mode])
     for ctx, draws in [(prefix, first), (prefix + [mode], seconds)]:
         with torch.no_grad():
-            p = torch.softmax(model(torch.tensor([ctx])).logits[0, -1].double() / temperature, -1)
+            p = torch.softmax(model(torch.tensor([ctx], device=device)).logits[0, -1].double().cpu() / temperature, -1)
         sp, si = p.sort(descending=True)
         keep = si[(sp.cumsum(0) - sp) < top_p]
         expected = torch.zeros_like(p)
@@ -253,10 +262,11 @@ def test_edge_cases_and_length_assert():
         ks.sample_continuations(model, [[1] * 100], k=1, max_new_tokens=29)
 
 
-def test_per_prefix_budgets_greedy_and_lengths():
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_prefix_budgets_greedy_and_lengths(device):
     """max_new_tokens may differ per prefix (VinePPO: what the response cap leaves after a state's
     written steps): each row stops, unfinished, at its own budget; greedy tokens still equal HF's."""
-    model = _llama()
+    model = _llama().to(device)
     budgets = [3, 9, 1, 5, 7, 2]
     toks, fin = ks.sample_continuations(model, PREFIXES, 2, budgets, temperature=0.0)
     for p, b, rows, f in zip(PREFIXES, budgets, toks, fin):

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import vineppo as vp
-from conftest import save_random_model, write_jsonl
+from conftest import DEVICES, save_random_model, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo's own SFT model (DEMO_DEFAULTS, trained once per session into demo_cache), smaller iterations.
@@ -123,17 +123,21 @@ def test_real_model_path_llama_gsm8k_cli(tmp_path):
     assert os.path.isfile(out / "ckpt" / "model.safetensors") and os.path.isfile(out / "ckpt" / "state.pt")
 
 
-@pytest.mark.parametrize("arch,advantage", [("qwen2", "vine"), ("gpt2", "critic")])
-def test_real_model_path_math_jsonl(tmp_path, arch, advantage):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch,advantage,lora", [("qwen2", "vine", 0), ("gpt2", "critic", 0), ("llama", "vine", 4)])
+def test_real_model_path_math_jsonl(tmp_path, arch, advantage, lora, device):
+    """One iteration of the real-model path; on a GPU: bf16 autocast, the compiled kernels, the CUDA-graph sampler."""
     model = save_random_model(tmp_path / arch, arch)
     rows = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
     args = vp.parse_args(["--model", model, "--task", "math", "--train-file", rows, "--test-file", rows,
                           "--advantage", advantage, "--out", str(tmp_path / "run"), "--iterations", "1", "--k", "2",
                           "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--max-new-tokens", "10",
-                          "--eval-samples", "2", "--mini-batch", "4", "--micro-batch", "2"])
-    records = vp.train(args)
+                          "--eval-samples", "2", "--mini-batch", "4", "--micro-batch", "2", "--device", device,
+                          "--lora-rank", str(lora), "--entropy-coef", "0.1"])   # random models earn no reward: the
+    records = vp.train(args)                                                      # entropy bonus gives a gradient
     assert records[-1]["iteration"] == 1 and "eval/accuracy" in records[-1]
     assert records[-1]["update/steps"] == 2
+    assert 0 < records[-1]["update/grad_norm"] < float("inf")
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, as one prepared command per step, each under its own time limit so that
+# a hang in one step still leaves the others' output:
+#
+#   bash benchmarks/gpu_checks.sh [steps...]      steps: tests logprobs sampler (default: all three)
+#
+#   tests     the tests' GPU cases (-k cuda): compiled Triton kernels against the float64 oracle, the
+#             sampler (Triton cascade attention, CUDA-graph decode) against HF generate, one training
+#             iteration per architecture on cuda (bf16 autocast, LoRA)
+#   logprobs  python benchmarks/bench_logprobs.py       (issue #4's table and goals)
+#   sampler   python benchmarks/bench_sampler.py --gpu  (issue #5's table and goals)
+#
+# Output goes to the terminal and to $OUT (the device tool's folder) or runs/gpu_checks. Time limits per
+# step: tests 180 s, logprobs 180 s, sampler 300 s; two device calls of under 10 minutes each hold it all
+# (`tests logprobs`, then `sampler`). Needs torch, triton, transformers, peft, tokenizers, pytest.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-runs/gpu_checks}
+mkdir -p "$out"
+py=${PYTHON:-$(command -v python3 || command -v python)}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TRITON_INTERPRET=0   # compiled kernels (tests/conftest.py defaults to the interpreter)
+steps=${*:-tests logprobs sampler}
+status=0
+
+"$py" - <<'EOF' 2>&1 | tee "$out/versions.txt"
+import datetime, platform, torch, triton, transformers
+print(datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), torch.cuda.get_device_name() if torch.cuda.is_available()
+      else "NO CUDA DEVICE", f"python {platform.python_version()} torch {torch.__version__} triton {triton.__version__}"
+      f" transformers {transformers.__version__}")
+EOF
+
+run() {  # run NAME LIMIT_S CMD...: tee to $out/NAME.txt, remember a failure, go on
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" = 0 ] || { echo "=== $name FAILED (exit $rc; 124 = time limit)"; status=1; }
+}
+
+for step in $steps; do
+    case $step in
+        tests)    run gpu_tests 180 "$py" -m pytest -q -p no:cacheprovider -k cuda -rfE \
+                      tests/test_kernels_logprobs.py tests/test_sampler.py tests/test_train.py ;;
+        logprobs) run bench_logprobs 180 "$py" benchmarks/bench_logprobs.py ;;
+        sampler)  run bench_sampler 300 "$py" benchmarks/bench_sampler.py --gpu ;;
+        *)        echo "unknown step $step (tests, logprobs, sampler)"; status=2 ;;
+    esac
+done
+exit $status
