@@ -279,3 +279,19 @@ def test_per_prefix_budgets_greedy_and_lengths(device):
         for r, f in zip(rows, fs):
             assert len(r) <= b and f == (len(r) > 0 and r[-1] == 5) and 5 not in r[:-1]
             assert f or len(r) == b
+
+
+def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
+    """benchmarks/bench_sampler.py's GPU table, run on the CPU with a tiny config: the code a GPU session
+    will run (workload, both generate baselines, roofline, prefill counts) finishes and prints every row."""
+    import types
+
+    from benchmarks import bench_sampler
+    tiny = ("tiny", dict(layers=1, d=64, heads=4, kv_heads=2, vocab=64, inter=128, max_pos=128), 1, 2, 2)
+    args = types.SimpleNamespace(new_tokens=3, compile_baseline=False)
+    with torch.no_grad():
+        bench_sampler.gpu_rows(args, device="cpu", configs=[tiny], shape=(8, 16, 4), K=2, dtype=torch.float32)
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("tiny")]
+    assert [r[1] for r in rows[:2]] == ["ours", "generate"] and rows[0][2:4] == ["25", "50"]  # 1 + 8 x 3 states, K=2
+    assert "prefill tokens: ours" in out and "failed" not in out
