@@ -673,6 +673,7 @@ def _cascade_attention(module, query, key, value, attention_mask, scaling=None, 
     key/value are this layer's new-token caches sk/sv (B, Hkv, T, D) from _CascadeCache.update."""
     c = _ACTIVE[-1]
     layer = module.layer_idx
+    out_dtype, query = query.dtype, query.to(value.dtype)   # bf16 under autocast, like SDPA (see _prefill)
     B, Hq, _, D = query.shape
     Hkv = c.sk[layer].shape[1]
     nrep, G, R = Hq // Hkv, c.G, c.R
@@ -705,7 +706,7 @@ def _cascade_attention(module, query, key, value, attention_mask, scaling=None, 
     m = torch.maximum(l1, l2)  # (B, Hkv, nrep)
     w1, w2 = torch.exp(l1 - m).unsqueeze(-1), torch.exp(l2 - m).unsqueeze(-1)
     out = (o1 * w1 + o2 * w2) / (w1 + w2)  # (B, Hkv, nrep, D)
-    return out.to(query.dtype).reshape(B, 1, Hq, D), None
+    return out.to(out_dtype).reshape(B, 1, Hq, D), None
 
 
 
@@ -741,8 +742,9 @@ class _CascadeCache:
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # key (B, Hkv, 1, D)
         if layer_idx == len(self.sk):  # first step: allocate this layer's new-token buffers
             shape = (key_states.shape[0], key_states.shape[1], self.T, key_states.shape[3])
-            self.sk.append(torch.zeros(shape, dtype=key_states.dtype, device=key_states.device))
+            self.sk.append(torch.zeros(shape, dtype=value_states.dtype, device=key_states.device))
             self.sv.append(torch.zeros(shape, dtype=value_states.dtype, device=value_states.device))
+        key_states = key_states.to(value_states.dtype)   # see _prefill: keys are kept in the values' dtype
         if self.backend == "triton":  # device-side column index: CUDA-graph safe
             self.sk[layer_idx].index_copy_(2, self.t_idx, key_states)
             self.sv[layer_idx].index_copy_(2, self.t_idx, value_states)
@@ -820,7 +822,10 @@ def _prefill(model, leaders, prefill_tokens):
         base(input_ids=ids[lo:lo + rows], use_cache=True, **{kw: cache})
         kv = _layer_kv(cache)
         if pk is None:  # shapes known now: allocate the whole batch's prefix buffers
-            pk = [torch.empty((len(leaders),) + k.shape[1:], dtype=k.dtype, device=dev) for k, _ in kv]
+            # keys in the values' dtype: an fp32 model under bf16 autocast keeps an fp32 residual stream, and
+            # the rotary embedding then promotes q and k (not v) to fp32; SDPA under autocast would run
+            # the attention in bf16 anyway, and fp32 keys would cost 1.5x the KV memory
+            pk = [torch.empty((len(leaders),) + k.shape[1:], dtype=v.dtype, device=dev) for k, v in kv]
             pv = [torch.empty((len(leaders),) + v.shape[1:], dtype=v.dtype, device=dev) for _, v in kv]
         for layer, (k, v) in enumerate(kv):
             pk[layer][lo:lo + rows].copy_(k)
@@ -909,6 +914,7 @@ class _Stepper:
             except Exception as e:  # pragma: no cover (GPU only): fall back to eager steps
                 print(f"[sample_continuations] CUDA graph capture failed ({e!r}); decoding eagerly")
                 self.use_graph = False
+            if not self.use_graph:   # outside the except block, which would keep the failed capture alive
                 return self.eager(ids, pos)
         self.graph.replay()
         return self.logits
@@ -1066,7 +1072,10 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
     try:
         bytes_tok, vocab = _probe(model)
         if max_batch_tokens is None:
-            free = torch.cuda.mem_get_info(dev)[0] * 0.7 if dev.type == "cuda" else 2 ** 30
+            # free = the device's free memory + what torch's allocator holds cached but unused (after a
+            # PPO update that is most of the activations' memory, which mem_get_info counts as taken)
+            free = ((torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+                    * 0.7 if dev.type == "cuda" else 2 ** 30)
             max_batch_tokens = int(free // bytes_tok)
         per_row = max_new_tokens + -(-24 * vocab // bytes_tok)
         cost = lambda L, rows: len(L) + len(rows) * per_row  # noqa: E731
@@ -1091,25 +1100,29 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
             bar = tqdm(total=n * k, desc=desc)
 
         def run(batch):  # retry at half the batch on out-of-memory
+            out_of_memory = False
             try:
                 _run_batch(model, batch, row_budgets, temperature, top_p, eos, stopper, backend,
                            results, prefill_tokens)
             except torch.cuda.OutOfMemoryError:
-                rows = sum(len(r) for _, r in batch)
-                if rows <= 1:
+                if sum(len(r) for _, r in batch) <= 1:
                     raise
-                torch.cuda.empty_cache()
-                SAMPLER_STATS["oom_retries"] += 1
-                if len(batch) == 1:
-                    (L, r), = batch
-                    halves = [[(L, r[:len(r) // 2])], [(L, r[len(r) // 2:])]]
-                else:
-                    halves = [batch[:len(batch) // 2], batch[len(batch) // 2:]]
-                for h in halves:
-                    run(h)
+                out_of_memory = True
+            if not out_of_memory:
+                if bar is not None:
+                    bar.update(sum(len(r) for _, r in batch))
                 return
-            if bar is not None:
-                bar.update(sum(len(r) for _, r in batch))
+            # Retried after the except block: inside it, the exception's traceback keeps the failed call's
+            # frames, hence its KV cache and activations, alive, and empty_cache() could free none of them.
+            torch.cuda.empty_cache()
+            SAMPLER_STATS["oom_retries"] += 1
+            if len(batch) == 1:
+                (L, r), = batch
+                halves = [[(L, r[:len(r) // 2])], [(L, r[len(r) // 2:])]]
+            else:
+                halves = [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+            for h in halves:
+                run(h)
 
         for batch in batches:
             run(batch)

@@ -508,9 +508,11 @@ def load_policy(path: str, device: torch.device, args: Args):
 
 
 def load_reference(path: str, device: torch.device):
+    """The frozen SFT model, loaded as the policy is (fp32, run under the same autocast on a GPU), so that
+    before the first update the KL to it is exactly 0. (A bf16 copy would halve its 4.4 GB at 1.1B, but
+    bf16 weights give a bf16 residual stream where the policy's is fp32, a KL offset from iteration 0.)"""
     from transformers import AutoModelForCausalLM
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     reference.requires_grad_(False)
     return reference
 
@@ -549,6 +551,8 @@ def generate(model, tokenizer, prefixes: list, k: int, max_new_tokens, temperatu
     kernels.sample_continuations does: prefix sharing, batched decoding, per-row stopping."""
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
     model.eval()
+    # On a GPU the sampler draws from bf16 logits (autocast), as the authors' vLLM does; PPO's old log-probs
+    # come from the training forward (token_logprobs), never from the sampler, as with vLLM.
     with torch.no_grad(), autocast(model.device):
         return kernels.sample_continuations(model, prefixes, k, max_new_tokens, temperature=temperature, top_p=top_p,
                                             stop=(tokenizer, STOP_STRINGS), eos_token_ids=sorted(e for e in eos if e is not None),
@@ -594,12 +598,15 @@ def response_hidden(model, episodes: list, pad_id: int):
     input_ids, attention_mask, response_mask = collate(episodes, pad_id, model.device)
     with autocast(model.device):
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, d]
+    if hidden.is_cuda:   # fp32 weights under autocast keep an fp32 residual stream; the lm_head matmul is
+        hidden = hidden.to(torch.bfloat16)   # bf16 under autocast, so the fused kernel gets bf16 (tensor cores)
     predicts = response_mask[:, 1:]                    # [B, T-1]: position t-1 predicts token t
     return hidden[:, :-1][predicts], input_ids[:, 1:][predicts]   # [N, d], [N]
 
 
 def lm_head_weight(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The output projection [V, d] in the hidden states' dtype (a bf16 view of the fp32 master on a GPU)."""
+    """The output projection [V, d] in the hidden states' dtype (a bf16 copy of the fp32 master on a GPU,
+    through which the gradient reaches the master, as under autocast)."""
     return model.get_output_embeddings().weight.to(hidden.dtype)
 
 
@@ -904,7 +911,8 @@ def value_analysis(policy, tokenizer, rows: list, args: Args, task: str, critic=
     same states; the critic is read at each state's last token. Every value is a value of `policy`: to
     compare the critic fairly, pass the policy it was trained with. Leaves the global RNG as it was."""
     t0, k, dec = time.time(), k or args.k, (lambda ids: decode(tokenizer, ids))
-    with torch.random.fork_rng(devices=[]):
+    device = next(policy.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):   # manual_seed reseeds CUDA too
         torch.manual_seed(seed)
         # 1. states s_i = prompt + first i steps of sampled responses
         states, where = [], []     # (prompt_ids, written_ids, gold), (i, n)

@@ -13,6 +13,9 @@
 # Output goes to the terminal and to $OUT (the device tool's folder) or runs/gpu_checks. Time limits per
 # step: tests 180 s, logprobs 180 s, sampler 300 s; two device calls of under 10 minutes each hold it all
 # (`tests logprobs`, then `sampler`). Needs torch, triton, transformers, peft, tokenizers, pytest.
+# Extra wheels in .whl/ (e.g. Liger-Kernel for bench_logprobs' comparison row, which the lent GPU
+# machines lack: `pip download --no-deps -d .whl liger-kernel==0.8.5` on a machine with a registry)
+# are installed first, without a registry.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu_checks}
@@ -22,12 +25,22 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARA
 export TRITON_INTERPRET=0   # compiled kernels (tests/conftest.py defaults to the interpreter)
 steps=${*:-tests logprobs sampler}
 status=0
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_checks_site .whl/*.whl &&
+        export PYTHONPATH=/tmp/gpu_checks_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 
 "$py" - <<'EOF' 2>&1 | tee "$out/versions.txt"
 import datetime, platform, torch, triton, transformers
 print(datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), torch.cuda.get_device_name() if torch.cuda.is_available()
       else "NO CUDA DEVICE", f"python {platform.python_version()} torch {torch.__version__} triton {triton.__version__}"
       f" transformers {transformers.__version__}")
+try:
+    import importlib.metadata as md
+    print("liger-kernel", md.version("liger-kernel"))
+except Exception:  # noqa: BLE001
+    print("liger-kernel not installed: bench_logprobs runs without its row")
 EOF
 
 run() {  # run NAME LIMIT_S CMD...: tee to $out/NAME.txt, remember a failure, go on

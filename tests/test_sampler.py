@@ -295,3 +295,43 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     rows = [line.split() for line in out.splitlines() if line.startswith("tiny")]
     assert [r[1] for r in rows[:2]] == ["ours", "generate"] and rows[0][2:4] == ["25", "50"]  # 1 + 8 x 3 states, K=2
     assert "prefill tokens: ours" in out and "failed" not in out
+
+
+def test_out_of_memory_retries_at_half_the_batch_after_releasing_it(monkeypatch):
+    """A batch that runs out of memory is split in two and each half retried, down to single rows; the
+    retry runs after the except block, when the failed attempt's frames (its KV cache) are freed."""
+    import sys
+    import weakref
+    model = _llama(9)
+    expected = ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=5, temperature=0)
+    real_run_batch, attempts = ks._run_batch, []
+
+    class KVCache:  # stands in for the memory a failed attempt held
+        pass
+
+    def run_batch(model, units, *args, **kwargs):
+        assert sys.exc_info() == (None, None, None)              # not retried inside the except block
+        assert all(ref() is None for ref in attempts)            # every failed attempt's memory is released
+        if sum(len(rows) for _, rows in units) > 3:
+            held = KVCache()
+            attempts.append(weakref.ref(held))
+            raise torch.cuda.OutOfMemoryError("fake: more than 3 rows")
+        return real_run_batch(model, units, *args, **kwargs)
+
+    monkeypatch.setattr(ks, "_run_batch", run_batch)
+    ks.SAMPLER_STATS["oom_retries"] = 0
+    assert ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=5, temperature=0) == expected
+    assert ks.SAMPLER_STATS["oom_retries"] == len(attempts) >= 3
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_fp32_model_under_bf16_autocast(backend, monkeypatch):
+    """vineppo.py on a GPU: fp32 weights under bf16 autocast, where the rotary embedding leaves q and k in
+    fp32 and v in bf16. The caches keep keys in the values' dtype; greedy tokens equal generate's under
+    the same autocast (CPU autocast here)."""
+    monkeypatch.setattr(ks, "SAMPLER_BACKEND", backend)
+    model = _llama(10)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        toks, _ = ks.sample_continuations(model, PREFIXES[:4], k=2, max_new_tokens=4, temperature=0)
+        refs = [_hf_greedy(model, p, 4) for p in PREFIXES[:4]]
+    assert toks == [[r, r] for r in refs]
