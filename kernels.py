@@ -673,7 +673,7 @@ def _cascade_attention(module, query, key, value, attention_mask, scaling=None, 
     key/value are this layer's new-token caches sk/sv (B, Hkv, T, D) from _CascadeCache.update."""
     c = _ACTIVE[-1]
     layer = module.layer_idx
-    out_dtype, query = query.dtype, query.to(value.dtype)   # bf16 under autocast, like SDPA (see _prefill)
+    out_dtype, query = query.dtype, query.to(c.pk[layer].dtype)   # _kv_dtype: bf16 under autocast, like SDPA
     B, Hq, _, D = query.shape
     Hkv = c.sk[layer].shape[1]
     nrep, G, R = Hq // Hkv, c.G, c.R
@@ -742,9 +742,9 @@ class _CascadeCache:
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # key (B, Hkv, 1, D)
         if layer_idx == len(self.sk):  # first step: allocate this layer's new-token buffers
             shape = (key_states.shape[0], key_states.shape[1], self.T, key_states.shape[3])
-            self.sk.append(torch.zeros(shape, dtype=value_states.dtype, device=key_states.device))
-            self.sv.append(torch.zeros(shape, dtype=value_states.dtype, device=value_states.device))
-        key_states = key_states.to(value_states.dtype)   # see _prefill: keys are kept in the values' dtype
+            self.sk.append(torch.zeros(shape, dtype=self.pk[0].dtype, device=key_states.device))
+            self.sv.append(torch.zeros(shape, dtype=self.pk[0].dtype, device=value_states.device))
+        key_states, value_states = key_states.to(self.pk[0].dtype), value_states.to(self.pk[0].dtype)  # _kv_dtype
         if self.backend == "triton":  # device-side column index: CUDA-graph safe
             self.sk[layer_idx].index_copy_(2, self.t_idx, key_states)
             self.sv[layer_idx].index_copy_(2, self.t_idx, value_states)
@@ -799,6 +799,16 @@ def _layer_kv(cache):
     return list(zip(cache.key_cache, cache.value_cache))  # pragma: no cover (transformers 4.x)
 
 
+def _kv_dtype(model, dev):
+    """The dtype of every cached key and value, and of the decode attention: the autocast dtype under
+    autocast (SDPA would run in it), else the weights'. Under autocast the layers' outputs disagree: an
+    fp32 model keeps an fp32 residual stream, its rotary embedding promotes q and k (not v) to fp32, and
+    some transformers versions' DynamicCache promotes v too; fp32 keys would also cost 1.5x the memory."""
+    if torch.is_autocast_enabled(dev.type):
+        return torch.get_autocast_dtype(dev.type)
+    return next(model.parameters()).dtype
+
+
 def _prefill(model, leaders, prefill_tokens):
     """KV of every leader minus its last token (that token is fed as the first decode step, so the
     decode loop's own forward produces the first logits and the prefill needs no LM head).
@@ -814,6 +824,7 @@ def _prefill(model, leaders, prefill_tokens):
     for g, L in enumerate(leaders):
         ids[g, :len(L) - 1] = torch.tensor(L[:-1], dtype=torch.long)
     pk = pv = None
+    kv_dtype = _kv_dtype(model, dev)
     SAMPLER_STATS["prefill_tokens"] += sum(len(L) - 1 for L in leaders)
     SAMPLER_STATS["prefill_padded"] += len(leaders) * P
     rows = max(1, prefill_tokens // P)  # chunk the forward to bound activation memory
@@ -822,11 +833,8 @@ def _prefill(model, leaders, prefill_tokens):
         base(input_ids=ids[lo:lo + rows], use_cache=True, **{kw: cache})
         kv = _layer_kv(cache)
         if pk is None:  # shapes known now: allocate the whole batch's prefix buffers
-            # keys in the values' dtype: an fp32 model under bf16 autocast keeps an fp32 residual stream, and
-            # the rotary embedding then promotes q and k (not v) to fp32; SDPA under autocast would run
-            # the attention in bf16 anyway, and fp32 keys would cost 1.5x the KV memory
-            pk = [torch.empty((len(leaders),) + k.shape[1:], dtype=v.dtype, device=dev) for k, v in kv]
-            pv = [torch.empty((len(leaders),) + v.shape[1:], dtype=v.dtype, device=dev) for _, v in kv]
+            pk = [torch.empty((len(leaders),) + k.shape[1:], dtype=kv_dtype, device=dev) for k, _ in kv]
+            pv = [torch.empty((len(leaders),) + v.shape[1:], dtype=kv_dtype, device=dev) for _, v in kv]
         for layer, (k, v) in enumerate(kv):
             pk[layer][lo:lo + rows].copy_(k)
             pv[layer][lo:lo + rows].copy_(v)
