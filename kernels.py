@@ -645,9 +645,9 @@ def _attention_tile(M, D, element_size, on_gpu):
     """BLOCK_M queries x BLOCK_N keys per tile. On a GPU the K and V tiles, pipelined 3 deep (Triton's
     default num_stages), live in shared memory: BLOCK_N x BLOCK_D x element_size is kept <= 16 KiB, so
     that bf16 and fp32 inputs with head dims 64 and 128 fit a T4's 64 KiB, an A100's 163 KiB and an
-    H100's 227 KiB (tests/test_kernels_compile.py compiles each for sm_75 / sm_80 / sm_90; a 64 x 64 fp32
-    tile needs 224 KiB on sm_90, more than an A100 has). The interpreter pays per tile operation; its tiles are small only to
-    bound the wasted padded work."""
+    H100's 227 KiB (tests/test_kernels_compile.py compiles each for sm_75 / sm_80 / sm_90; a 64 x 64
+    fp32 tile needs 224 KiB on sm_90, more than an A100 has). The interpreter pays per tile operation;
+    its tiles are small only to bound the wasted padded work."""
     block_d = max(16, triton.next_power_of_2(D))
     if not on_gpu:
         return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=16, BLOCK_D=block_d)
@@ -1082,8 +1082,11 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
         if max_batch_tokens is None:
             # free = the device's free memory + what torch's allocator holds cached but unused (after a
             # PPO update that is most of the activations' memory, which mem_get_info counts as taken)
-            free = ((torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
-                    * 0.7 if dev.type == "cuda" else 2 ** 30)
+            if dev.type == "cuda":
+                cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+                free = (torch.cuda.mem_get_info(dev)[0] + cached) * 0.7
+            else:
+                free = 2 ** 30
             max_batch_tokens = int(free // bytes_tok)
         per_row = max_new_tokens + -(-24 * vocab // bytes_tok)
         cost = lambda L, rows: len(L) + len(rows) * per_row  # noqa: E731
