@@ -11,7 +11,7 @@
 #   sampler   python benchmarks/bench_sampler.py --gpu  (issue #5's table and goals)
 #
 # Output goes to the terminal and to $OUT (the device tool's folder) or runs/gpu_checks. Time limits per
-# step: tests 180 s, logprobs 240 s, sampler 300 s; two device calls of under 10 minutes each hold it all
+# step: tests 240 s, logprobs 240 s, sampler 300 s; two device calls of under 10 minutes each hold it all
 # (`tests logprobs`, then `sampler`). Needs torch, triton, transformers, peft, tokenizers, pytest.
 # Extra wheels in .whl/ (e.g. Liger-Kernel for bench_logprobs' comparison row, which the lent GPU
 # machines lack: `pip download --no-deps -d .whl liger-kernel==0.8.5` on a machine with a registry)
@@ -54,7 +54,7 @@ run() {  # run NAME LIMIT_S CMD...: tee to $out/NAME.txt, remember a failure, go
 
 for step in $steps; do
     case $step in
-        tests)    run gpu_tests 180 "$py" -m pytest -q -p no:cacheprovider -k cuda -rfE \
+        tests)    run gpu_tests 240 "$py" -m pytest -q -p no:cacheprovider -k cuda -rfE \
                       tests/test_kernels_logprobs.py tests/test_sampler.py tests/test_train.py ;;
         logprobs) run bench_logprobs 240 "$py" benchmarks/bench_logprobs.py ;;
         sampler)  run bench_sampler 300 "$py" benchmarks/bench_sampler.py --gpu ;;

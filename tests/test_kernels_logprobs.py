@@ -57,6 +57,17 @@ def ours(backend):
     return lambda h, w, t, temp: K.fused_logprobs(h, w, t, temp, backend=backend)
 
 
+@pytest.fixture(autouse=True)
+def _one_config_per_kernel_on_a_gpu(request, monkeypatch):
+    """On a GPU the autotuners try one config here: each new (d, V) below would otherwise compile all of
+    them (minutes in all). Every config is compiled by test_kernels_compile.py and timed at the real
+    shapes by benchmarks/bench_logprobs.py; test_gpu_launch_path_autotunes... covers the tuning itself."""
+    if getattr(getattr(request.node, "callspec", None), "params", {}).get("device") == "cuda":
+        for tuner in (K._logprob_fwd_autotuned, K._logprob_bwd_autotuned):
+            monkeypatch.setattr(tuner, "configs", tuner.configs[:1])
+            monkeypatch.setattr(tuner, "cache", {})
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Make the torch fallback use 16-row chunks and the Triton backward 512-column vocabulary slices
