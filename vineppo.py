@@ -767,7 +767,7 @@ def ppo_update(policy, reference, optimizer, scheduler, episodes: list, token_ad
     old_logp = token_logprobs(policy, episodes, pad_id, args.temperature, args.micro_batch).cpu()       # [N]
     with adapters_off(policy) if reference is None else contextlib.nullcontext(reference) as ref:
         ref_logp = token_logprobs(ref, episodes, pad_id, args.temperature, args.micro_batch).cpu()      # [N]
-    params = [p for p in policy.parameters() if p.requires_grad]   # LoRA: the adapters only
+    params = [p for group in optimizer.param_groups for p in group["params"]]   # what it steps (LoRA: the adapters)
     lengths = [len(e.response_ids) for e in episodes]
     offsets = [0]
     for L in lengths:

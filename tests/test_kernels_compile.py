@@ -26,8 +26,8 @@ SHARED_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 90: 227 * 1024}
 TRAINING_TARGETS = (80, 90)     # the log-prob kernels train; only the sampler's attention runs on a T4
 
 
-def _signature(fn, types):
-    return {name: types.get(name, "constexpr") for name in fn.arg_names}
+def _signature(fn, arg_types):
+    return {name: arg_types.get(name, "constexpr") for name in fn.arg_names}
 
 
 def _compile(job):
@@ -37,10 +37,10 @@ def _compile(job):
     from triton.compiler import ASTSource
 
     import kernels
-    name, cc, types, constants, options = job
+    name, cc, arg_types, constants, options = job
     fn = getattr(kernels, name)
     try:
-        compiled = triton.compile(ASTSource(fn, _signature(fn, types), constants),
+        compiled = triton.compile(ASTSource(fn, _signature(fn, arg_types), constants),
                                   target=GPUTarget("cuda", cc, 32), options=options)
         return dict(kernel=name, cc=cc, constants=constants, options=options, shared=compiled.metadata.shared)
     except Exception as e:  # noqa: BLE001 -- reported and asserted on by the parent
