@@ -11,11 +11,12 @@
 #   sampler   python benchmarks/bench_sampler.py --gpu  (issue #5's table and goals)
 #
 # Output goes to the terminal and to $OUT (the device tool's folder) or runs/gpu_checks. Time limits per
-# step: tests 240 s, logprobs 240 s, sampler 300 s; two device calls of under 10 minutes each hold it all
-# (`tests logprobs`, then `sampler`). Needs torch, triton, transformers, peft, tokenizers, pytest.
+# step: logprobs 170 s, sampler 190 s, tests 200 s, so that all three fit one 10-minute device call
+# (`bash benchmarks/gpu_checks.sh logprobs sampler tests`). Needs torch, triton, transformers, peft, tokenizers, pytest.
 # Extra wheels in .whl/ (e.g. Liger-Kernel for bench_logprobs' comparison row, which the lent GPU
 # machines lack: `pip download --no-deps -d .whl liger-kernel==0.8.5` on a machine with a registry)
-# are installed first, without a registry.
+# are installed first, without a registry; so are math-verify and its two dependencies (the MATH-task
+# training test grades with it; the lent machines' image lacks it).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu_checks}
@@ -31,7 +32,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 
 
-"$py" - <<'EOF' 2>&1 | tee "$out/versions.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv \
+    2>&1 | tee "$out/versions.txt"
+"$py" - <<'EOF' 2>&1 | tee -a "$out/versions.txt"
 import datetime, platform, torch, triton, transformers
 print(datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), torch.cuda.get_device_name() if torch.cuda.is_available()
       else "NO CUDA DEVICE", f"python {platform.python_version()} torch {torch.__version__} triton {triton.__version__}"
@@ -54,10 +57,10 @@ run() {  # run NAME LIMIT_S CMD...: tee to $out/NAME.txt, remember a failure, go
 
 for step in $steps; do
     case $step in
-        tests)    run gpu_tests 240 "$py" -m pytest -q -p no:cacheprovider -k cuda -rfE \
+        tests)    run gpu_tests 200 "$py" -m pytest -v -p no:cacheprovider -k cuda -rfE --durations=8 \
                       tests/test_kernels_logprobs.py tests/test_sampler.py tests/test_train.py ;;
-        logprobs) run bench_logprobs 240 "$py" benchmarks/bench_logprobs.py ;;
-        sampler)  run bench_sampler 300 "$py" benchmarks/bench_sampler.py --gpu ;;
+        logprobs) run bench_logprobs 170 "$py" benchmarks/bench_logprobs.py ;;
+        sampler)  run bench_sampler 190 "$py" benchmarks/bench_sampler.py --gpu ;;
         *)        echo "unknown step $step (tests, logprobs, sampler)"; status=2 ;;
     esac
 done
