@@ -686,7 +686,9 @@ def _cascade_attention(module, query, key, value, attention_mask, scaling=None, 
     qs = query.reshape(B, Hkv, nrep, D)  # suffix part: each row over its own new tokens
     t1 = c.t + 1
     if c.backend == "triton":
-        o1, l1 = _partial_attention_triton(qp.view(G * Hkv, R * nrep, D), pk.view(G * Hkv, -1, D),
+        # reshape, not view: with one query per KV head (nrep 1, e.g. GPT-2) the permuted gather above is
+        # not contiguous, and the kernel wants unit stride on D (a copy of the queries only, never the cache)
+        o1, l1 = _partial_attention_triton(qp.reshape(G * Hkv, R * nrep, D), pk.view(G * Hkv, -1, D),
                                            pv.view(G * Hkv, -1, D), c.prefix_lens(nrep), scale, Hkv)
         o2, l2 = _partial_attention_triton(qs.reshape(B * Hkv, nrep, D).contiguous(), sk.view(B * Hkv, -1, D),
                                            sv.view(B * Hkv, -1, D), c.slen.view(1, 1).expand(1, nrep), scale, B * Hkv)
