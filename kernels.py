@@ -4,16 +4,20 @@ Section 1, log-probs / entropy / PPO loss without the logits.
 Every PPO update needs log pi(token) under the policy, the old policy and the frozen reference, with
 the logits divided by the sampling temperature (spec section 1). The naive path builds [N, V] fp32
 logits (2.1 GB at 16k tokens x 32000 vocab, 6.7 GB at 102400) plus as much again for log_softmax and
-its gradient. Here the lm_head matmul is fused with the softmax statistics, so no [N, V] tensor is
-ever held: the Triton kernels keep one [BLOCK_N, BLOCK_V] tile in registers, and the torch fallback
-holds one [chunk, V] slab at a time.
+its gradient. Here no [N, V] tensor is ever held. Two ways, both below:
+  fused    the lm_head matmul and the softmax statistics in one Triton kernel per pass, one
+           [BLOCK_N, BLOCK_V] tile in registers at a time: the least memory, the textbook algorithm;
+  chunked  cuBLAS computes the logits one slab (a bounded [rows, V] or [N, cols] block) at a time and
+           two small Triton kernels do the softmax algebra on it: a little more memory, and faster,
+           because cuBLAS reaches the chip's matmul rate (the default on a GPU; torch ops on the CPU).
 
 Layout of the section (Triton-tutorial style):
   reference_logprobs        pure torch, full logits: the specification and the test oracle
   _logprob_fwd_kernel       @triton.jit forward: online log-sum-exp, target logit, entropy
   _logprob_bwd_kernel       @triton.jit backward: recompute a tile, dX and dW by fp32 atomics
   _triton_forward/backward  launchers with the shape asserts
-  _torch_forward/backward   chunked pure-torch fallback (CPU; the interpreter is for tests only)
+  _slab_*_torch / _kernel   the chunked path's softmax algebra on one slab: torch ops, Triton kernel
+  _chunked_forward/backward the chunked path: cuBLAS slabs (torch ops on the CPU, the fallback)
   FusedLogprobs             the torch.autograd.Function, fused_logprobs its public entry point
   reference_ppo_loss, ppo_loss   the spec's clipped objective + k3 KL on top of fused_logprobs
 
@@ -57,6 +61,34 @@ def reference_logprobs(hidden, weight, targets, temperature=1.0):
     logp = log_p.gather(-1, targets[:, None]).squeeze(-1)                              # [N]
     entropy = -(log_p.exp() * log_p).sum(-1)                                           # [N]
     return logp, entropy
+
+
+@triton.jit
+def _online_softmax_update(m, s, u, z_target, z, cols, col_mask, target):
+    """One vocabulary tile z [rows, cols] into the running (max m, s = sum e^(z-m), u = sum e^(z-m)(z-m),
+    z[target]) of each row; shared by the fused forward and the chunked path's slab kernel."""
+    z = tl.where(col_mask[None, :], z, float("-inf"))                           # padding columns: p = 0
+    m_new = tl.maximum(m, tl.max(z, axis=1))                                    # [rows]
+    alpha = tl.exp(m - m_new)
+    z_minus_m = z - m_new[:, None]                                              # [rows, cols]
+    e = tl.exp(z_minus_m)                                                       # 0 on padding columns
+    s_tile = tl.sum(e, axis=1)
+    u_tile = tl.sum(e * tl.where(col_mask[None, :], z_minus_m, 0.0), axis=1)   # not 0 * -inf = nan
+    u = alpha * (u + (m - m_new) * s) + u_tile
+    s = alpha * s + s_tile
+    is_target = cols[None, :] == target[:, None]                                # [rows, cols]
+    z_target += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+    return m_new, s, u, z_target
+
+
+@triton.jit
+def _d_logits(z, lse, entropy, g_logp, g_entropy, is_target, inv_temperature):
+    """dA = [g_logp (onehot - p) - g_H p (log p + H)] / T for a tile z = a / T with log p = z - lse (lse,
+    H, g_logp, g_H per row); shared by the fused backward and the chunked path's slab kernel."""
+    log_p = z - lse[:, None]                                                    # [rows, cols]
+    p = tl.exp(log_p)
+    d_z = g_logp[:, None] * (is_target.to(tl.float32) - p) - g_entropy[:, None] * p * (log_p + entropy[:, None])
+    return d_z * inv_temperature
 
 
 @triton.jit
@@ -115,19 +147,7 @@ def _logprob_fwd_kernel(
                 w = w.to(tl.float32)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)   # [BLOCK_N, BLOCK_V]
         z = acc * inv_temperature                                               # [BLOCK_N, BLOCK_V]
-        z = tl.where(col_mask[None, :], z, float("-inf"))                       # padding columns: p = 0
-
-        m_new = tl.maximum(m, tl.max(z, axis=1))                                # [BLOCK_N]
-        alpha = tl.exp(m - m_new)
-        z_minus_m = z - m_new[:, None]                                          # [BLOCK_N, BLOCK_V]
-        e = tl.exp(z_minus_m)                                                   # 0 on padding columns
-        s_tile = tl.sum(e, axis=1)
-        u_tile = tl.sum(e * tl.where(col_mask[None, :], z_minus_m, 0.0), axis=1)   # not 0 * -inf = nan
-        u = alpha * (u + (m - m_new) * s) + u_tile
-        s = alpha * s + s_tile
-        m = m_new
-        is_target = cols[None, :] == target[:, None]                            # [BLOCK_N, BLOCK_V]
-        z_target += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        m, s, u, z_target = _online_softmax_update(m, s, u, z_target, z, cols, col_mask, target)
 
     # partial_ptr[k, split, row]: four [NUM_SPLITS, N] planes
     out = partial_ptr + split * N + rows
@@ -209,12 +229,9 @@ def _logprob_bwd_kernel(
     g_logp = tl.load(grad_logp_ptr + rows, mask=row_mask, other=0.0)
     g_entropy = tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0)
 
-    log_p = z - lse[:, None]                                                    # [BLOCK_N, BLOCK_V]
-    p = tl.exp(log_p)
-    onehot = (cols[None, :] == target[:, None]).to(tl.float32)
-    d_z = g_logp[:, None] * (onehot - p) - g_entropy[:, None] * p * (log_p + entropy[:, None])
     # padding rows (x = 0, g = 0) and padding columns (w = 0, masked dW store) contribute nothing below
-    d_a = d_z * inv_temperature                                                 # [BLOCK_N, BLOCK_V]
+    d_a = _d_logits(z, lse, entropy, g_logp, g_entropy, cols[None, :] == target[:, None],
+                    inv_temperature)                                            # [BLOCK_N, BLOCK_V]
     if not CAST_TO_FP32:
         d_a = d_a.to(weight_ptr.dtype.element_ty)    # bf16 tensor-core dots on the GPU, fp32 accumulate
 
@@ -353,54 +370,208 @@ def _triton_backward(hidden, weight, targets, temperature, lse, entropy, grad_lo
     return grad_hidden, grad_weight
 
 
-# ----------------------------------------------------------------------------- chunked torch fallback
-# Same math with torch ops on [chunk, V] row slabs: peak extra memory O(chunk V) instead of O(N V).
-# One fp32 [chunk, V] slab (2-3 are alive at once): 1024 rows at V = 8192, 262 at V = 32000. Smaller
-# slabs save memory but re-read W and re-write the [V, d] dW accumulator once more per chunk.
-TORCH_CHUNK_BYTES = 32 * 2**20
+# ----------------------------------------------------------------------------- chunked path
+# Same math on slabs of the logits: the matmuls go to cuBLAS (torch.mm), the softmax algebra to two
+# small Triton kernels ("chunked" backend) or to torch ops ("torch" backend: the CPU fallback). Peak
+# extra memory is O(slab), never O(N V). Why this is the default on a GPU although the fused kernels
+# hold less: cuBLAS runs the 8 N d V flops near the chip's matmul rate, which the fused Triton tiles do
+# not reach (README, Performance: measured side by side on an H200).
+#   forward:  row slabs   a = X[rows] W^T [C, V] fp32 -> logp, H, lse of those rows (complete rows)
+#   backward: vocab slabs a = X W[cols]^T [N, C] fp32 -> dA [N, C] (matmul dtype), then
+#             dW[cols] = dA^T X  (one matmul over all N rows: exact fp32 accumulation, one rounding)
+#             dX      += dA W[cols]  (fp32 accumulator [N, d])
+# Vocabulary slabs in the backward because dW [V, d] is the larger gradient at V >> d: each of its
+# slices is written once instead of accumulated over row slabs.
+TORCH_CHUNK_BYTES = 32 * 2**20                   # CPU: fp32 bytes of one slab (1024 rows at V = 8192)
+CUDA_SLAB_BYTES = (64 * 2**20, 2**30)            # GPU: slab bytes between these bounds, ...
+CUDA_SLABS = 16                                  # ... aiming at this many slabs (fewer re-reads of dX)
+_MM_FP32_OUT = None                              # torch.mm(..., out_dtype=float32) works here (probed once)
 
 
-def _chunk_rows(V):
-    return max(1, TORCH_CHUNK_BYTES // (4 * V))
+def _slab_bytes(hidden, N, V):
+    if not hidden.is_cuda:
+        return TORCH_CHUNK_BYTES
+    low, high = CUDA_SLAB_BYTES
+    return min(max(4 * N * V // CUDA_SLABS, low), high)
 
 
-def _torch_forward(hidden, weight, targets, temperature):
-    _check_inputs(hidden, weight, targets)
-    N, V = hidden.shape[0], weight.shape[0]
-    logp, entropy, lse = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
-    for r0 in range(0, N, _chunk_rows(V)):
-        sl = slice(r0, r0 + _chunk_rows(V))
-        z = (hidden[sl] @ weight.T).float().mul_(1.0 / temperature)            # [C, V] fp32
-        lse[sl] = torch.logsumexp(z, dim=-1)                                    # [C]
-        log_p = z.sub_(lse[sl, None])                                           # [C, V], in place
-        logp[sl] = log_p.gather(1, targets[sl, None]).squeeze(1)
-        entropy[sl] = -(log_p.exp().mul_(log_p)).sum(-1)
-        del z, log_p                     # free the slab before the next matmul allocates one
+def _logits_fp32(x, w):
+    """x [M, d] @ w.T [d, C] -> fp32 [M, C]. On a GPU with bf16 inputs cuBLAS writes fp32 directly
+    (out_dtype, torch >= 2.9): bf16-rounded logits would cost ~1e-3 of log-prob accuracy, as naive has."""
+    global _MM_FP32_OUT
+    if x.is_cuda and x.dtype != torch.float32:
+        if _MM_FP32_OUT is None:
+            try:
+                torch.mm(x[:1], w[:1].T, out_dtype=torch.float32)
+                _MM_FP32_OUT = True
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_FP32_OUT = False
+        if _MM_FP32_OUT:
+            return torch.mm(x, w.T, out_dtype=torch.float32)
+    return (x @ w.T).float()
+
+
+def _slab_stats_torch(a, targets, temperature):
+    """a [C, V] fp32 raw logits of C complete rows (overwritten) -> (logp, entropy, lse), each [C]."""
+    z = a.mul_(1.0 / temperature)                                               # [C, V]
+    lse = torch.logsumexp(z, dim=-1)                                            # [C]
+    log_p = z.sub_(lse[:, None])                                                # [C, V], in place
+    logp = log_p.gather(1, targets[:, None]).squeeze(1)
+    entropy = -(log_p.exp().mul_(log_p)).sum(-1)
     return logp, entropy, lse
 
 
-def _torch_backward(hidden, weight, targets, temperature, lse, entropy, grad_logp, grad_entropy,
-                    compute_dx=True, compute_dw=True):
+def _slab_grad_torch(a, col0, targets, temperature, lse, entropy, grad_logp, grad_entropy, out_dtype):
+    """a [N, C] fp32 raw logits of vocabulary columns col0 .. col0 + C (overwritten) -> dA [N, C]."""
+    log_p = a.mul_(1.0 / temperature).sub_(lse[:, None])                        # [N, C]
+    p = log_p.exp()                                                             # [N, C]
+    # dZ = g_logp (onehot - p) - g_H p (log p + H), written to reuse the two slabs
+    d_z = log_p.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad_logp[:, None])
+    d_z = d_z.mul_(p).neg_()                                                    # -p (g_logp + g_H (log p + H))
+    inside = (targets >= col0) & (targets < col0 + a.shape[1])                  # [N]: target in this slab
+    local = (targets - col0).clamp_(0, a.shape[1] - 1)
+    d_z.scatter_add_(1, local[:, None], (grad_logp * inside)[:, None])          # + g_logp onehot
+    return d_z.mul_(1.0 / temperature).to(out_dtype)
+
+
+@triton.jit
+def _slab_stats_kernel(
+    logits_ptr,         # [M, V] fp32, contiguous: raw logits a = X W^T of M complete rows
+    targets_ptr,        # [M] int64
+    logp_ptr,           # [M] fp32 out: z[target] - lse
+    entropy_ptr,        # [M] fp32 out: H
+    lse_ptr,            # [M] fp32 out: logsumexp(z), z = a / T
+    M,                  # rows in the slab
+    inv_temperature,    # 1 / T
+    V: tl.constexpr,    # columns (constexpr: a static loop bound)
+    BLOCK_M: tl.constexpr,          # rows per program
+    BLOCK_V: tl.constexpr,          # columns per step
+):
+    # The fused forward's online softmax, reading the logits from memory instead of computing them:
+    # one pass over the slab (4 bytes per logit), a memory-bound reduction.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)                   # [BLOCK_M]
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)
+    target = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    m = tl.full([BLOCK_M], -1e30, tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    u = tl.zeros([BLOCK_M], tl.float32)
+    z_target = tl.zeros([BLOCK_M], tl.float32)
+    for c0 in range(0, V, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)                                       # [BLOCK_V]
+        col_mask = cols < V
+        a = tl.load(logits_ptr + rows64[:, None] * V + cols[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)      # [BLOCK_M, BLOCK_V]
+        m, s, u, z_target = _online_softmax_update(m, s, u, z_target, a * inv_temperature, cols, col_mask,
+                                                   target)
+    lse = m + tl.log(s)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(entropy_ptr + rows, tl.log(s) - u / s, mask=row_mask)
+    tl.store(logp_ptr + rows, z_target - lse, mask=row_mask)
+
+
+@triton.jit
+def _slab_grad_kernel(
+    logits_ptr,         # [N, C] fp32, contiguous: raw logits of vocabulary columns col0 .. col0 + C
+    d_logits_ptr,       # [N, C] out, the matmul dtype (bf16 / fp32): dA = dL/da
+    targets_ptr,        # [N] int64
+    lse_ptr,            # [N] fp32: saved by the forward
+    entropy_ptr,        # [N] fp32: saved by the forward
+    grad_logp_ptr,      # [N] fp32: dL/dlogp
+    grad_entropy_ptr,   # [N] fp32: dL/dH
+    N,                  # rows
+    C,                  # columns in this slab
+    col0,               # vocabulary index of column 0
+    inv_temperature,    # 1 / T
+    BLOCK_M: tl.constexpr,          # rows per program
+    BLOCK_C: tl.constexpr,          # columns per program
+):
+    # Elementwise: read a (4 bytes), write dA (2 bytes in bf16); the formula is the fused backward's.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)                   # [BLOCK_M]
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)                   # [BLOCK_C]
+    row_mask = rows < N
+    mask = row_mask[:, None] & (cols[None, :] < C)
+    offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]                    # [BLOCK_M, BLOCK_C]
+    a = tl.load(logits_ptr + offsets, mask=mask, other=0.0)
+    target = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    entropy = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
+    g_logp = tl.load(grad_logp_ptr + rows, mask=row_mask, other=0.0)
+    g_entropy = tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0)
+    d_a = _d_logits(a * inv_temperature, lse, entropy, g_logp, g_entropy,
+                    (col0 + cols)[None, :] == target[:, None], inv_temperature)
+    tl.store(d_logits_ptr + offsets, d_a.to(d_logits_ptr.dtype.element_ty), mask=mask)
+
+
+# Slab kernel tiles: GPU, 4 rows x 1024 columns per program (16 KiB of fp32 in flight, 4 warps);
+# the interpreter, bigger tiles because it pays per program.
+_SLAB_TILE = dict(BLOCK_M=4, BLOCK=1024, num_warps=4)
+_SLAB_TILE_INTERPRETER = dict(BLOCK_M=16, BLOCK=512)
+
+
+def _slab_tile(a):
+    tile = dict(_SLAB_TILE if _compiled(a) else _SLAB_TILE_INTERPRETER)
+    return tile, tile.pop("BLOCK")
+
+
+def _slab_stats_triton(a, targets, temperature):
+    M, V = a.shape
+    assert a.dtype == torch.float32 and a.is_contiguous() and targets.shape == (M,)
+    logp, entropy, lse = (torch.empty(M, dtype=torch.float32, device=a.device) for _ in range(3))
+    tile, block = _slab_tile(a)
+    _slab_stats_kernel[(triton.cdiv(M, tile["BLOCK_M"]),)](a, targets, logp, entropy, lse, M, 1.0 / temperature,
+                                                          V=V, BLOCK_V=block, **tile)
+    return logp, entropy, lse
+
+
+def _slab_grad_triton(a, col0, targets, temperature, lse, entropy, grad_logp, grad_entropy, out_dtype):
+    N, C = a.shape
+    assert a.dtype == torch.float32 and a.is_contiguous()
+    for t in (targets, lse, entropy, grad_logp, grad_entropy):
+        assert t.shape == (N,) and t.is_contiguous()
+    d_a = torch.empty(N, C, dtype=out_dtype, device=a.device)                   # [N, C]
+    tile, block = _slab_tile(a)
+    grid = (triton.cdiv(N, tile["BLOCK_M"]), triton.cdiv(C, block))
+    _slab_grad_kernel[grid](a, d_a, targets, lse, entropy, grad_logp, grad_entropy, N, C, col0, 1.0 / temperature,
+                            BLOCK_C=block, **tile)
+    return d_a
+
+
+def _chunked_forward(hidden, weight, targets, temperature, triton_slabs):
+    _check_inputs(hidden, weight, targets)
     N, V = hidden.shape[0], weight.shape[0]
-    grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if compute_dx else None      # [N, d]
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if compute_dw else None      # [V, d]
-    for r0 in range(0, N, _chunk_rows(V)):
-        sl = slice(r0, r0 + _chunk_rows(V))
-        z = (hidden[sl] @ weight.T).float().mul_(1.0 / temperature)            # [C, V] fp32
-        log_p = z.sub_(lse[sl, None])                                           # [C, V]
-        p = log_p.exp()                                                         # [C, V]
-        # dZ = g_logp (onehot - p) - g_H p (log p + H), written to reuse the two slabs
-        d_z = log_p.add_(entropy[sl, None]).mul_(grad_entropy[sl, None]).add_(grad_logp[sl, None])
-        d_z = d_z.mul_(p).neg_()                                                # -p (g_logp + g_H (log p + H))
-        d_z.scatter_add_(1, targets[sl, None], grad_logp[sl, None])             # + g_logp onehot
-        d_a = d_z.mul_(1.0 / temperature).to(hidden.dtype)                      # [C, V], matmul dtype
+    slab_stats = _slab_stats_triton if triton_slabs else _slab_stats_torch
+    logp, entropy, lse = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    rows = max(1, _slab_bytes(hidden, N, V) // (4 * V))
+    for r0 in range(0, N, rows):
+        sl = slice(r0, r0 + rows)
+        a = _logits_fp32(hidden[sl], weight)                                    # [C, V] fp32
+        logp[sl], entropy[sl], lse[sl] = slab_stats(a, targets[sl], temperature)
+        del a                            # free the slab before the next matmul allocates one
+    return logp, entropy, lse
+
+
+def _chunked_backward(hidden, weight, targets, temperature, lse, entropy, grad_logp, grad_entropy,
+                      compute_dx=True, compute_dw=True, triton_slabs=False):
+    """-> (grad_hidden [N, d] fp32 or None, grad_weight [V, d] in weight's dtype or None)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    slab_grad = _slab_grad_triton if triton_slabs else _slab_grad_torch
+    grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if compute_dx else None     # [N, d]
+    grad_weight = torch.empty_like(weight) if compute_dw else None                         # [V, d]
+    cols = max(1, _slab_bytes(hidden, N, V) // (4 * max(N, 1)))
+    for c0 in range(0, V if N else 0, cols):
+        w = weight[c0:c0 + cols]                                                # [C, d] view
+        a = _logits_fp32(hidden, w)                                             # [N, C] fp32
+        d_a = slab_grad(a, c0, targets, temperature, lse, entropy, grad_logp, grad_entropy,
+                        hidden.dtype)                                           # [N, C], matmul dtype
+        del a
+        if compute_dw:
+            torch.mm(d_a.T, hidden, out=grad_weight[c0:c0 + w.shape[0]])        # [C, d]
         if compute_dx:
-            grad_hidden[sl] = d_a @ weight                                      # [C, d]
-        if compute_dw and d_a.dtype == torch.float32:
-            grad_weight.addmm_(d_a.T, hidden[sl])                               # [V, d], no [V, d] temporary
-        elif compute_dw:
-            grad_weight += d_a.T @ hidden[sl]                                   # bf16 product, fp32 accumulation
-        del z, log_p, p, d_z, d_a
+            grad_hidden += d_a @ w                                              # [N, d]
+        del d_a
+    if compute_dw and N == 0:
+        grad_weight.zero_()
     return grad_hidden, grad_weight
 
 
@@ -411,8 +582,10 @@ class FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, backend):
         hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-        fwd = _triton_forward if backend == "triton" else _torch_forward
-        logp, entropy, lse = fwd(hidden, weight, targets, temperature)
+        if backend == "triton":
+            logp, entropy, lse = _triton_forward(hidden, weight, targets, temperature)
+        else:
+            logp, entropy, lse = _chunked_forward(hidden, weight, targets, temperature, backend == "chunked")
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.backend = temperature, backend
         return logp, entropy
@@ -422,9 +595,12 @@ class FusedLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
         grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.float().contiguous()
-        bwd = _triton_backward if ctx.backend == "triton" else _torch_backward
-        grad_hidden, grad_weight = bwd(hidden, weight, targets, ctx.temperature, lse, entropy, grad_logp,
-                                       grad_entropy, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        args = (hidden, weight, targets, ctx.temperature, lse, entropy, grad_logp, grad_entropy,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        if ctx.backend == "triton":
+            grad_hidden, grad_weight = _triton_backward(*args)
+        else:
+            grad_hidden, grad_weight = _chunked_backward(*args, triton_slabs=ctx.backend == "chunked")
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(hidden.dtype)
         if grad_weight is not None:
@@ -434,9 +610,9 @@ class FusedLogprobs(torch.autograd.Function):
 
 def resolve_backend(hidden, backend="auto"):
     if backend == "auto":
-        # the interpreter runs kernels ~1000x slower than torch: tests ask for backend="triton" explicitly
-        backend = "triton" if HAS_TRITON and hidden.is_cuda else "torch"
-    assert backend in ("triton", "torch", "reference"), backend
+        # the interpreter runs kernels ~1000x slower than torch: tests ask for the Triton backends explicitly
+        backend = "chunked" if HAS_TRITON and hidden.is_cuda else "torch"
+    assert backend in ("chunked", "triton", "torch", "reference"), backend
     return backend
 
 
@@ -444,8 +620,10 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, backend="auto"):
     """hidden [N, d] (fp32 or bf16), weight [V, d] (lm_head weight, same dtype), targets [N] int64.
     Returns (logp [N] fp32, entropy [N] fp32) of softmax(hidden @ weight.T / temperature); differentiable
     w.r.t. hidden and weight; never materialises [N, V] (except backend "reference", the naive oracle).
-    backend: "auto" (triton for CUDA tensors, else torch), "triton" (on the CPU: the interpreter,
-    TRITON_INTERPRET=1, for tests), "torch" (chunked), "reference" (naive full logits)."""
+    backend: "auto" (chunked for CUDA tensors, else torch); "chunked" (cuBLAS on slabs + Triton slab
+    kernels), "triton" (the fused kernels: least memory), "torch" (chunked, torch slab math: the CPU
+    fallback), "reference" (naive full logits). The Triton ones run on the CPU only in the interpreter
+    (TRITON_INTERPRET=1), for tests."""
     backend = resolve_backend(hidden, backend)
     if backend == "reference":
         logp, entropy = reference_logprobs(hidden, weight, targets, temperature)

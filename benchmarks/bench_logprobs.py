@@ -4,7 +4,10 @@
 
 Methods (all compute logp and entropy of softmax(hidden @ weight.T / T), then backward of
 sum(g1 * logp + g2 * H) with fixed random g1, g2 into hidden and weight):
-  ours    kernels.fused_logprobs: the Triton kernels on CUDA, the chunked torch fallback on the CPU
+  chunked kernels.fused_logprobs(backend="chunked"), the default on CUDA: cuBLAS on bounded slabs of the
+          logits + two Triton slab kernels (CUDA only)
+  fused   kernels.fused_logprobs(backend="triton"): the fused Triton kernels, no slab (CUDA only)
+  ours    kernels.fused_logprobs on the CPU: the chunked path with torch slab math (backend="torch")
   naive   matmul -> .float() -> log_softmax -> gather  (full [N, V] logits, as most RL code does)
   trl     TRL's selective log-softmax: full [N, V] logits from the lm_head, then log_softmax / entropy
           one sequence (here: 1024-token chunk) at a time
@@ -52,9 +55,9 @@ def trl_logprobs(hidden, weight, targets, temperature):
     return torch.cat(logps), torch.cat(entropies)
 
 
-def ours_logprobs(hidden, weight, targets, temperature):
-    backend = "triton" if hidden.is_cuda else "torch"       # never time the CPU interpreter
-    return kernels.fused_logprobs(hidden, weight, targets, temperature, backend=backend)
+def ours_logprobs(backend):
+    return lambda hidden, weight, targets, temperature: kernels.fused_logprobs(hidden, weight, targets, temperature,
+                                                                              backend=backend)
 
 
 def liger_fwd_bwd_fn():
@@ -90,7 +93,8 @@ def check_against_float64(N, d, V, dtype, device):
     path is not covered by the interpreter tests."""
     hidden, weight, targets, g1, g2 = make_inputs(N, d, V, dtype, device, seed=1)
     rows = []
-    for name, fn in [("ours", ours_logprobs), ("naive", naive_logprobs), ("float64", kernels.reference_logprobs)]:
+    for name, fn in [("chunked", ours_logprobs("chunked")), ("fused", ours_logprobs("triton")),
+                     ("naive", naive_logprobs), ("float64", kernels.reference_logprobs)]:
         h = (hidden.detach().double() if name == "float64" else hidden.detach()).requires_grad_()
         w = (weight.detach().double() if name == "float64" else weight.detach()).requires_grad_()
         logp, entropy = fn(h, w, targets, TEMPERATURE)
@@ -99,7 +103,7 @@ def check_against_float64(N, d, V, dtype, device):
     exact = rows[-1][1]
     for name, got in rows[:-1]:
         errs = [((a.double() - e).abs().max() / e.abs().max()).item() for a, e in zip(got, exact)]
-        print(f"# check N={N} d={d} V={V} {name:<6} scaled max error vs float64: logp {errs[0]:.1e}  "
+        print(f"# check N={N} d={d} V={V} {name:<7} scaled max error vs float64: logp {errs[0]:.1e}  "
               f"entropy {errs[1]:.1e}  dX {errs[2]:.1e}  dW {errs[3]:.1e}")
 
 
@@ -191,15 +195,19 @@ def main():
         token_counts = [1024, 4096]
         name = (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                 f"load average {os.getloadavg()[0]:.1f} at start")
-    methods = {"ours": make_fwd_bwd(ours_logprobs), "naive": make_fwd_bwd(naive_logprobs),
-               "trl": make_fwd_bwd(trl_logprobs)}
+    ours = ["chunked", "fused"] if device == "cuda" else ["ours"]       # never time the CPU interpreter
+    methods = {"chunked": make_fwd_bwd(ours_logprobs("chunked")), "fused": make_fwd_bwd(ours_logprobs("triton"))} \
+        if device == "cuda" else {"ours": make_fwd_bwd(ours_logprobs("torch"))}
+    methods.update(naive=make_fwd_bwd(naive_logprobs), trl=make_fwd_bwd(trl_logprobs))
     if device == "cuda" and liger_fwd_bwd_fn() is not None:
         methods["liger"] = liger_fwd_bwd_fn()
     triton_version = getattr(kernels.triton, "__version__", "absent")
     print(f"# bench_logprobs  {datetime.datetime.now():%Y-%m-%d %H:%M}  device: {name}")
     print(f"# torch {torch.__version__}, triton {triton_version}, python {platform.python_version()}, dtype "
-          f"{str(dtype)[6:]}, T={TEMPERATURE}, ours = " + ("Triton kernels" if device == "cuda" else
-          f"chunked torch fallback ({kernels.TORCH_CHUNK_BYTES >> 20} MiB fp32 slabs)"))
+          f"{str(dtype)[6:]}, T={TEMPERATURE}, " + ("chunked = cuBLAS slabs of "
+          f"{kernels.CUDA_SLAB_BYTES[0] >> 20}-{kernels.CUDA_SLAB_BYTES[1] >> 20} MiB + Triton slab kernels, fused = "
+          "fused Triton kernels" if device == "cuda" else
+          f"ours = chunked torch fallback ({kernels.TORCH_CHUNK_BYTES >> 20} MiB fp32 slabs)"))
     print("# peak extra memory: " + ("torch.cuda.max_memory_allocated - baseline" if device == "cuda" else
           "torch.profiler allocation trace") + ", includes dX and dW; liger: "
           + ("logp only (no entropy)" if "liger" in methods else "not run (needs CUDA and liger-kernel)"))
@@ -207,7 +215,7 @@ def main():
         check_against_float64(256, 2048, 32000, dtype, device)
     else:
         cpu_peak_extra_bytes(lambda: torch.zeros(1))            # profiler start-up, outside the timings
-    print(f"{'shape':<26}{'N':>6} {'method':<7}{'fwd+bwd ms':>11}{'peak extra':>12}{'vs naive':>9}"
+    print(f"{'shape':<26}{'N':>6} {'method':<8}{'fwd+bwd ms':>11}{'peak extra':>12}{'vs naive':>9}"
           f"{'TFLOP/s':>9}{'of matmul':>10}")
     results, failures = {}, []
     for label, d, V in shapes:
@@ -224,7 +232,7 @@ def main():
                     failures.append(f"{label} N={N} {method}: {mem}")
                 ratio = f"{naive_mem / mem:.1f}x" if isinstance(mem, int) and isinstance(naive_mem, int) else "-"
                 tflops = 8 * N * d * V / seconds / 1e12 if seconds else None
-                print(f"{label + f' d{d} V{V}':<26}{N:>6} {method:<7}"
+                print(f"{label + f' d{d} V{V}':<26}{N:>6} {method:<8}"
                       f"{(f'{seconds * 1e3:,.1f}' if seconds else '-'):>11}{fmt_mem(mem):>12}{ratio:>9}"
                       f"{(f'{tflops:.2f}' if tflops else '-'):>9}{(f'{tflops / ceiling:.0%}' if tflops else '-'):>10}")
             del inputs
@@ -232,26 +240,27 @@ def main():
     for line in failures:
         print(f"# {line}")
     if device == "cuda":   # the issue's goals, checked on what was measured
-        print_goals(results, shapes, token_counts)
+        for method in ours:
+            print_goals(results, shapes, token_counts, method)
 
 
-def print_goals(results, shapes, token_counts):
+def print_goals(results, shapes, token_counts, method):
     ds, ds_d, ds_v = shapes[1]
     for (label, d, V), N, goal in [(shapes[0], 16384, 10), (shapes[1], 16384, 10), (shapes[1], 65536, 20)]:
-        naive, ours = results[(label, N, "naive")][1], results[(label, N, "ours")][1]
+        naive, ours = results[(label, N, "naive")][1], results[(label, N, method)][1]
         if naive == "OOM" and isinstance(ours, int):   # naive wanted more than the card minus the bf16 inputs
             bound = torch.cuda.get_device_properties(0).total_memory - 2 * (N + V) * d
             naive, label = bound, label + " (naive OOM: vs the memory it could not get, a lower bound)"
         verdict = (f"{naive / ours:.1f}x {'MET' if naive / ours >= goal else 'NOT MET'}"
                    if isinstance(naive, int) and isinstance(ours, int) else f"not measured (naive {naive}, ours {ours})")
-        print(f"goal: {label} N={N}: peak extra memory >= {goal}x below naive: {verdict}")
+        print(f"goal ({method}): {label} N={N}: peak extra memory >= {goal}x below naive: {verdict}")
     for label, _, _ in shapes:
         for N in token_counts:
-            ours, naive = results[(label, N, "ours")][0], results[(label, N, "naive")][0]
+            ours, naive = results[(label, N, method)][0], results[(label, N, "naive")][0]
             verdict = f"{naive / ours:.2f}x {'MET' if ours <= naive else 'NOT MET'}" if ours and naive else "not measured"
-            print(f"goal: {label} N={N}: ours no slower than naive: {verdict}")
-    rates = [8 * N * ds_d * ds_v / results[(ds, N, "ours")][0] / 1e12 for N in token_counts if results[(ds, N, "ours")][0]]
-    print(f"goal: {ds}: >= 400 TFLOP/s: " + (f"best {max(rates):.0f} {'MET' if max(rates) >= 400 else 'NOT MET'}"
+            print(f"goal ({method}): {label} N={N}: no slower than naive: {verdict}")
+    rates = [8 * N * ds_d * ds_v / results[(ds, N, method)][0] / 1e12 for N in token_counts if results[(ds, N, method)][0]]
+    print(f"goal ({method}): {ds}: >= 400 TFLOP/s: " + (f"best {max(rates):.0f} {'MET' if max(rates) >= 400 else 'NOT MET'}"
                                              if rates else "not measured"))
 
 

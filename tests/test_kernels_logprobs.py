@@ -16,7 +16,7 @@ from conftest import DEVICES
 # (N, d, V): tile-aligned small shape; N=1; ragged rows (2 row tiles), odd multiple of 16 for d
 # (2 d tiles), V not a multiple of the vocabulary tile
 SHAPES = [(128, 128, 4096), (1, 48, 515), (100, 144, 1000)]
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "chunked", "torch"]   # fused kernels; cuBLAS slabs + Triton slab kernels; torch slabs
 
 
 def make_inputs(N, d, V, dtype=torch.float32, seed=0, device="cpu"):
@@ -70,10 +70,12 @@ def _one_config_per_kernel_on_a_gpu(request, monkeypatch):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Make the torch fallback use 16-row chunks and the Triton backward 512-column vocabulary slices
-    (the minimum), so that several chunks / slices, and a ragged last one, run."""
+    """Make the chunked paths use 16-row slabs forward (and N/16-column slabs backward), on the CPU and
+    on a GPU, and the fused backward 512-column vocabulary slices (the minimum), so that several slabs /
+    slices, and a ragged last one, run."""
     def set_for_vocab(V):
         monkeypatch.setattr(K, "TORCH_CHUNK_BYTES", 16 * 4 * V)
+        monkeypatch.setattr(K, "CUDA_SLAB_BYTES", (16 * 4 * V, 16 * 4 * V))
         monkeypatch.setattr(K, "TRITON_DW_SLICE_BYTES", 1)
     return set_for_vocab
 
@@ -166,10 +168,37 @@ def test_gpu_launch_path_autotunes_without_corrupting_accumulators(monkeypatch):
         assert_close(a, e, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+def test_chunked_path_writes_every_output_element(backend, device, small_chunks, monkeypatch):
+    """Each buffer the chunked path allocates (the statistics, each slab kernel's output, the dX
+    accumulator's partials, dW written slice by slice) comes NaN-filled from torch.empty / empty_like
+    here, so an element that no slab writes fails the comparison. Ragged slabs both ways (3 x 16 rows
+    forward, 3 x 129 columns backward)."""
+    N, d, V = 37, 32, 300
+    small_chunks(V)
+    inputs = make_inputs(N, d, V, seed=9, device=device)
+    expected = float64_oracle(*(t.cpu() for t in inputs), 0.6)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(make):
+        def make_nan(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return make_nan
+    monkeypatch.setattr(torch, "empty", poisoned(real_empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(real_empty_like))
+    got = logprobs_and_grads(ours(backend), *inputs, 0.6)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    monkeypatch.setattr(torch, "empty_like", real_empty_like)
+    for a, e in zip(got, expected):
+        assert_close(a.cpu(), e, rtol=1e-5)
+
+
 def test_auto_backend_is_triton_only_for_cuda_tensors(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")        # the interpreter is opt-in (backend="triton"): slow
+    monkeypatch.setenv("TRITON_INTERPRET", "1")        # the interpreter is opt-in (backend="chunked"): slow
     assert K.resolve_backend(torch.zeros(1)) == "torch"
-    assert K.resolve_backend(types.SimpleNamespace(is_cuda=True)) == "triton"
+    assert K.resolve_backend(types.SimpleNamespace(is_cuda=True)) == "chunked"
     assert K.resolve_backend(torch.zeros(1), "reference") == "reference"
     with pytest.raises(AssertionError):
         K.resolve_backend(torch.zeros(1), "cuda")
