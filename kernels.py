@@ -503,9 +503,10 @@ def _slab_grad_kernel(
     tl.store(d_logits_ptr + offsets, d_a.to(d_logits_ptr.dtype.element_ty), mask=mask)
 
 
-# Slab kernel tiles: GPU, 4 rows x 1024 columns per program (16 KiB of fp32 in flight, 4 warps);
+# Slab kernel tiles: GPU, one row x 2048 columns per program (8 KiB of fp32 per step, 8 warps: 16-byte
+# loads), one program per row so that even a 500-row slab gives every SM several programs to overlap;
 # the interpreter, bigger tiles because it pays per program.
-_SLAB_TILE = dict(BLOCK_M=4, BLOCK=1024, num_warps=4)
+_SLAB_TILE = dict(BLOCK_M=1, BLOCK=2048, num_warps=8)
 _SLAB_TILE_INTERPRETER = dict(BLOCK_M=16, BLOCK=512)
 
 

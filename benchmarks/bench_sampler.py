@@ -198,6 +198,24 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
+        sampling_cost(len(states) * K, cfg["vocab"], device)
+
+
+def sampling_cost(rows, vocab, device):
+    """Where a decode step's time goes, in part: drawing the next tokens of `rows` rows from bf16 logits
+    (ms per step), greedy / temperature only / temperature + top-p (the sort over the vocabulary)."""
+    logits = torch.randn(rows, vocab, device=device, dtype=torch.bfloat16) * 3
+    times = []
+    for temperature, top_p in [(0.0, 1.0), (0.6, 1.0), (0.6, 0.9)]:
+        ks._sample_next(logits, temperature, top_p)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            ks._sample_next(logits, temperature, top_p)
+        sync()
+        times.append(f"{(time.perf_counter() - t0) / 10 * 1e3:.2f}")
+    print(f"{'':<16}sampling {rows} rows x V {vocab}, ms per step: greedy {times[0]}, T=0.6 {times[1]}, "
+          f"T=0.6 top_p=0.9 {times[2]}")
 
 
 def main():
@@ -206,6 +224,8 @@ def main():
     ap.add_argument("--cpu", action="store_true", help="CPU rows only")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--new-tokens", type=int, default=512, help="GPU: continuation length")
+    ap.add_argument("--configs", nargs="+", default=[c[0] for c in GPU_CONFIGS],
+                    help="GPU: which model configs to run (by label)")
     ap.add_argument("--compile-baseline", action="store_true",
                     help="GPU: let generate torch.compile its static-cache forward (slow to compile)")
     args = ap.parse_args()
@@ -214,7 +234,7 @@ def main():
             cpu_rows(args)
         if args.gpu or (not args.cpu and torch.cuda.is_available()):
             assert torch.cuda.is_available(), "--gpu needs a CUDA device"
-            gpu_rows(args)
+            gpu_rows(args, configs=[c for c in GPU_CONFIGS if c[0] in args.configs])
         elif not args.cpu:
             print("GPU rows: no CUDA device here; run `python benchmarks/bench_sampler.py --gpu` on a GPU machine.")
 

@@ -12,7 +12,9 @@
 #
 # Output goes to the terminal and to $OUT (the device tool's folder) or runs/gpu_checks. Time limits per
 # step: logprobs 170 s, sampler 190 s, tests 200 s, so that all three fit one 10-minute device call
-# (`bash benchmarks/gpu_checks.sh logprobs sampler tests`). Needs torch, triton, transformers, peft, tokenizers, pytest.
+# (`bash benchmarks/gpu_checks.sh logprobs sampler tests`). Overrides: TESTS_K (pytest -k, default cuda),
+# SAMPLER_ARGS (e.g. "--configs DeepSeekMath-7B"), TESTS_LIMIT / LOGPROBS_LIMIT / SAMPLER_LIMIT (seconds).
+# Needs torch, triton, transformers, peft, tokenizers, pytest.
 # Extra wheels in .whl/ (e.g. Liger-Kernel for bench_logprobs' comparison row, which the lent GPU
 # machines lack: `pip download --no-deps -d .whl liger-kernel==0.8.5` on a machine with a registry)
 # are installed first, without a registry; so are math-verify and its two dependencies (the MATH-task
@@ -57,10 +59,10 @@ run() {  # run NAME LIMIT_S CMD...: tee to $out/NAME.txt, remember a failure, go
 
 for step in $steps; do
     case $step in
-        tests)    run gpu_tests 200 "$py" -m pytest -v -p no:cacheprovider -k cuda -rfE --durations=8 \
+        tests)    run gpu_tests "${TESTS_LIMIT:-200}" "$py" -m pytest -v -p no:cacheprovider -k "${TESTS_K:-cuda}" -rfE --durations=8 \
                       tests/test_kernels_logprobs.py tests/test_sampler.py tests/test_train.py ;;
-        logprobs) run bench_logprobs 170 "$py" benchmarks/bench_logprobs.py ;;
-        sampler)  run bench_sampler 190 "$py" benchmarks/bench_sampler.py --gpu ;;
+        logprobs) run bench_logprobs "${LOGPROBS_LIMIT:-170}" "$py" benchmarks/bench_logprobs.py ;;
+        sampler)  run bench_sampler "${SAMPLER_LIMIT:-190}" "$py" benchmarks/bench_sampler.py --gpu ${SAMPLER_ARGS:-} ;;
         *)        echo "unknown step $step (tests, logprobs, sampler)"; status=2 ;;
     esac
 done

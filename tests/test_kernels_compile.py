@@ -77,9 +77,22 @@ def compile_jobs():
                       COMPUTE_DW=flags[1], **dtype_options[dtype]),
                  dict(num_warps=w, num_stages=st)) for n, v, d, w, st in kernels._CUDA_BWD_TILES]
 
+    slab_tile = dict(kernels._SLAB_TILE)
+    slab_block, slab_warps = slab_tile.pop("BLOCK"), slab_tile.pop("num_warps")
+    slab_stats_types = dict(logits_ptr="*fp32", targets_ptr="*i64", logp_ptr="*fp32", entropy_ptr="*fp32",
+                            lse_ptr="*fp32", M="i32", inv_temperature="fp32")
+    slab_grad_types = dict(logits_ptr="*fp32", targets_ptr="*i64", lse_ptr="*fp32", entropy_ptr="*fp32",
+                           grad_logp_ptr="*fp32", grad_entropy_ptr="*fp32", N="i32", C="i32", col0="i32",
+                           inv_temperature="fp32")
+
     each, first_fit = [], []
     for cc in SHARED_LIMIT:
         if cc in TRAINING_TARGETS:
+            # the chunked path's slab kernels (the GPU default), dA in bf16 (training) and fp32
+            each.append(("_slab_stats_kernel", cc, slab_stats_types, dict(V=102400, BLOCK_V=slab_block, **slab_tile),
+                         dict(num_warps=slab_warps)))
+            each += [("_slab_grad_kernel", cc, dict(slab_grad_types, d_logits_ptr=f"*{dtype}"),
+                      dict(BLOCK_C=slab_block, **slab_tile), dict(num_warps=slab_warps)) for dtype in ("bf16", "fp32")]
             # backward (dX, dW): full fine-tuning trains the lm_head; with LoRA it is frozen (only dX)
             for flags in (None, (True, True), (True, False)):
                 each += logprob_jobs(cc, "bf16", flags)
@@ -124,9 +137,11 @@ def test_gpu_kernels_compile_and_fit_shared_memory():
     assert len(results["each"]) == len(each) and len(results["first_fit"]) == len(first_fit) == 2
     assert {(r["kernel"], r["cc"]) for r in results["each"]} >= {("_partial_attention_kernel", 75),
                                                                  ("_logprob_bwd_kernel", 80), ("_logprob_fwd_kernel", 90)}
+    assert {("_slab_stats_kernel", 90), ("_slab_grad_kernel", 80)} <= {(r["kernel"], r["cc"]) for r in results["each"]}
     for r in results["each"]:
         assert "error" not in r, r
-        assert 0 < r["shared"] <= SHARED_LIMIT[r["cc"]], r
+        assert r["shared"] <= SHARED_LIMIT[r["cc"]], r
+        assert r["shared"] > 0 or r["kernel"] == "_slab_grad_kernel", r    # dots and reductions stage in shared
     for group in results["first_fit"]:
         assert "shared" in group[-1] and group[-1]["shared"] <= SHARED_LIMIT[group[-1]["cc"]], group
 
