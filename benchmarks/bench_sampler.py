@@ -176,25 +176,31 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
         ours = run_ours(model, states, K, T)
         st = ours["stats"]
         roof_s = (st["steps"] * weight_bytes + st["kv_read_tokens"] * kv_tok) / (bw * 1e9)
-        gstates = workload(1, 8, *shape, cfg["vocab"], seed=1)[:gen_states]
-        eager = run_generate(model, gstates, K, T, batch_states=gen_batch)
-        rows = [("ours", ours, len(states)), ("generate eager", eager, len(gstates))]
-        try:
-            static = run_generate(model, gstates, K, T, batch_states=gen_batch, static=True,
-                                  compile=args.compile_baseline)
-            rows.append(("generate static" + (" +compile" if args.compile_baseline else ""), static, len(gstates)))
-        except Exception as e:  # noqa: BLE001
-            print(f"{label:<16}generate static failed: {e!r}"[:200])
-        e_rate = eager["new"] / eager["seconds"]
+        # the same work drawn greedily: the difference is what sampling (softmax, top-p sort) costs
+        rows = [("ours", ours, len(states)), ("ours, greedy", run_ours(model, states, K, T, temperature=0.0),
+                                              len(states))]
+        eager = None
+        if not args.no_generate:
+            gstates = workload(1, 8, *shape, cfg["vocab"], seed=1)[:gen_states]
+            eager = run_generate(model, gstates, K, T, batch_states=gen_batch)
+            rows.append(("generate eager", eager, len(gstates)))
+            try:
+                static = run_generate(model, gstates, K, T, batch_states=gen_batch, static=True,
+                                      compile=args.compile_baseline)
+                rows.append(("generate static" + (" +compile" if args.compile_baseline else ""), static,
+                             len(gstates)))
+            except Exception as e:  # noqa: BLE001
+                print(f"{label:<16}generate static failed: {e!r}"[:200])
         for method, r, n in rows:
             rate = r["new"] / r["seconds"]
-            roof = f"{roof_s / r['seconds']:>9.0%}" if method == "ours" else ""
-            print(f"{label:<16}{method:<18}{n:>7}{n * K:>7}{r['seconds']:>8.1f}{rate:>11.0f}"
-                  f"{rate / e_rate:>8.1f}x{roof}")
-        per_state = (eager["prefill"] / len(gstates)) / (ours["prefill"] / len(states))
-        print(f"{label:<16}prefill tokens: ours {ours['prefill']} for {len(states)} states, generate "
-              f"{eager['prefill']} for {len(gstates)} ({per_state:.0f}x more per state); ours "
-              f"{st['batches']} batches, {st['oom_retries']} OOM retries")
+            vs_eager = f"{rate / (eager['new'] / eager['seconds']):>8.1f}x" if eager else f"{'-':>9}"
+            roof = f"{roof_s / r['seconds']:>9.0%}" if method.startswith("ours") else ""
+            print(f"{label:<16}{method:<18}{n:>7}{n * K:>7}{r['seconds']:>8.1f}{rate:>11.0f}{vs_eager}{roof}")
+        if eager:
+            per_state = (eager["prefill"] / len(gstates)) / (ours["prefill"] / len(states))
+            print(f"{label:<16}prefill tokens: ours {ours['prefill']} for {len(states)} states, generate "
+                  f"{eager['prefill']} for {len(gstates)} ({per_state:.0f}x more per state)")
+        print(f"{label:<16}ours: {st['batches']} batches, {st['oom_retries']} OOM retries, {st['steps']} decode steps")
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -226,6 +232,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=512, help="GPU: continuation length")
     ap.add_argument("--configs", nargs="+", default=[c[0] for c in GPU_CONFIGS],
                     help="GPU: which model configs to run (by label)")
+    ap.add_argument("--no-generate", action="store_true", help="GPU: skip the transformers generate baselines")
     ap.add_argument("--compile-baseline", action="store_true",
                     help="GPU: let generate torch.compile its static-cache forward (slow to compile)")
     args = ap.parse_args()

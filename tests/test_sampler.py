@@ -290,13 +290,14 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
 
     from benchmarks import bench_sampler
     tiny = ("tiny", dict(layers=1, d=64, heads=4, kv_heads=2, vocab=64, inter=128, max_pos=128), 1, 2, 2)
-    args = types.SimpleNamespace(new_tokens=3, compile_baseline=False)
+    args = types.SimpleNamespace(new_tokens=3, compile_baseline=False, no_generate=False)
     with torch.no_grad():
         bench_sampler.gpu_rows(args, device="cpu", configs=[tiny], shape=(8, 16, 4), K=2, dtype=torch.float32)
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("tiny")]
-    assert [r[1] for r in rows[:2]] == ["ours", "generate"] and rows[0][2:4] == ["25", "50"]  # 1 + 8 x 3 states, K=2
-    assert "prefill tokens: ours" in out and "failed" not in out
+    assert [r[1] for r in rows[:4]] == ["ours", "ours,", "generate", "generate"]   # ours, ours greedy, eager, static
+    assert rows[0][2:4] == ["25", "50"] and rows[1][3:5] == ["25", "50"]         # 1 + 8 x 3 states, K=2
+    assert "prefill tokens: ours" in out and "failed" not in out and "sampling 50 rows" in out
 
 
 def test_out_of_memory_retries_at_half_the_batch_after_releasing_it(monkeypatch):
