@@ -2,7 +2,7 @@
 # Everything that needs a GPU, as one prepared command per step, each under its own time limit so that
 # a hang in one step still leaves the others' output:
 #
-#   bash benchmarks/gpu_checks.sh [steps...]      steps: tests logprobs sampler (default: all three)
+#   bash benchmarks/gpu_checks.sh [steps...]      steps: logprobs sampler tests (default: all three)
 #
 #   tests     the tests' GPU cases (-k cuda): compiled Triton kernels against the float64 oracle, the
 #             sampler (Triton cascade attention, CUDA-graph decode) against HF generate, one training
@@ -11,8 +11,9 @@
 #   sampler   python benchmarks/bench_sampler.py --gpu  (issue #5's table and goals)
 #
 # Output goes to the terminal and to $OUT (the device tool's folder) or runs/gpu_checks. Time limits per
-# step: logprobs 170 s, sampler 190 s, tests 200 s, so that all three fit one 10-minute device call
-# (`bash benchmarks/gpu_checks.sh logprobs sampler tests`). Overrides: TESTS_K (pytest -k, default cuda),
+# step: logprobs 130 s, sampler 260 s, tests 170 s, so that all three fit one 10-minute device call
+# (`bash benchmarks/gpu_checks.sh logprobs sampler tests`; on an H200 the full test step took 144 s, and
+# a whole call 356 s with the 7B sampler row failing early). Overrides: TESTS_K (pytest -k, default cuda),
 # SAMPLER_ARGS (e.g. "--configs DeepSeekMath-7B"), TESTS_LIMIT / LOGPROBS_LIMIT / SAMPLER_LIMIT (seconds).
 # Needs torch, triton, transformers, peft, tokenizers, pytest.
 # Extra wheels in .whl/ (e.g. Liger-Kernel for bench_logprobs' comparison row, which the lent GPU
@@ -26,7 +27,7 @@ mkdir -p "$out"
 py=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TRITON_INTERPRET=0   # compiled kernels (tests/conftest.py defaults to the interpreter)
-steps=${*:-tests logprobs sampler}
+steps=${*:-logprobs sampler tests}
 status=0
 if compgen -G ".whl/*.whl" > /dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_checks_site .whl/*.whl &&
@@ -59,10 +60,10 @@ run() {  # run NAME LIMIT_S CMD...: tee to $out/NAME.txt, remember a failure, go
 
 for step in $steps; do
     case $step in
-        tests)    run gpu_tests "${TESTS_LIMIT:-200}" "$py" -m pytest -v -p no:cacheprovider -k "${TESTS_K:-cuda}" -rfE --durations=8 \
+        tests)    run gpu_tests "${TESTS_LIMIT:-170}" "$py" -m pytest -v -p no:cacheprovider -k "${TESTS_K:-cuda}" -rfE --durations=8 \
                       tests/test_kernels_logprobs.py tests/test_sampler.py tests/test_train.py ;;
-        logprobs) run bench_logprobs "${LOGPROBS_LIMIT:-170}" "$py" benchmarks/bench_logprobs.py ;;
-        sampler)  run bench_sampler "${SAMPLER_LIMIT:-190}" "$py" benchmarks/bench_sampler.py --gpu ${SAMPLER_ARGS:-} ;;
+        logprobs) run bench_logprobs "${LOGPROBS_LIMIT:-130}" "$py" benchmarks/bench_logprobs.py ;;
+        sampler)  run bench_sampler "${SAMPLER_LIMIT:-260}" "$py" benchmarks/bench_sampler.py --gpu ${SAMPLER_ARGS:-} ;;
         *)        echo "unknown step $step (tests, logprobs, sampler)"; status=2 ;;
     esac
 done

@@ -290,7 +290,7 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
 
     from benchmarks import bench_sampler
     tiny = ("tiny", dict(layers=1, d=64, heads=4, kv_heads=2, vocab=64, inter=128, max_pos=128), 1, 2, 2)
-    args = types.SimpleNamespace(new_tokens=3, compile_baseline=False, no_generate=False)
+    args = types.SimpleNamespace(new_tokens=3, compile_baseline=False, no_generate=False, greedy_row=True)
     with torch.no_grad():
         bench_sampler.gpu_rows(args, device="cpu", configs=[tiny], shape=(8, 16, 4), K=2, dtype=torch.float32)
     out = capsys.readouterr().out
