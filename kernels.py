@@ -447,7 +447,7 @@ def _slab_stats_kernel(
     inv_temperature,    # 1 / T
     V: tl.constexpr,    # columns (constexpr: a static loop bound)
     BLOCK_M: tl.constexpr,          # rows per program
-    BLOCK_V: tl.constexpr,          # columns per step
+    BLOCK_C: tl.constexpr,          # columns per step
 ):
     # The fused forward's online softmax, reading the logits from memory instead of computing them:
     # one pass over the slab (4 bytes per logit), a memory-bound reduction.
@@ -459,11 +459,11 @@ def _slab_stats_kernel(
     s = tl.zeros([BLOCK_M], tl.float32)
     u = tl.zeros([BLOCK_M], tl.float32)
     z_target = tl.zeros([BLOCK_M], tl.float32)
-    for c0 in range(0, V, BLOCK_V):
-        cols = c0 + tl.arange(0, BLOCK_V)                                       # [BLOCK_V]
+    for c0 in range(0, V, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)                                       # [BLOCK_C]
         col_mask = cols < V
         a = tl.load(logits_ptr + rows64[:, None] * V + cols[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)      # [BLOCK_M, BLOCK_V]
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)      # [BLOCK_M, BLOCK_C]
         m, s, u, z_target = _online_softmax_update(m, s, u, z_target, a * inv_temperature, cols, col_mask,
                                                    target)
     lse = m + tl.log(s)
@@ -508,22 +508,21 @@ def _slab_grad_kernel(
 # Slab kernel tiles: GPU, one row x 2048 columns per program (8 KiB of fp32 per step, 8 warps: 16-byte
 # loads), one program per row so that even a 500-row slab gives every SM several programs to overlap;
 # the interpreter, bigger tiles because it pays per program.
-_SLAB_TILE = dict(BLOCK_M=1, BLOCK=2048, num_warps=8)
-_SLAB_TILE_INTERPRETER = dict(BLOCK_M=16, BLOCK=512)
+_SLAB_TILE = dict(BLOCK_M=1, BLOCK_C=2048, num_warps=8)
+_SLAB_TILE_INTERPRETER = dict(BLOCK_M=16, BLOCK_C=512)
 
 
 def _slab_tile(a):
-    tile = dict(_SLAB_TILE if _compiled(a) else _SLAB_TILE_INTERPRETER)
-    return tile, tile.pop("BLOCK")
+    return _SLAB_TILE if _compiled(a) else _SLAB_TILE_INTERPRETER
 
 
 def _slab_stats_triton(a, targets, temperature):
     M, V = a.shape
     assert a.dtype == torch.float32 and a.is_contiguous() and targets.shape == (M,)
     logp, entropy, lse = (torch.empty(M, dtype=torch.float32, device=a.device) for _ in range(3))
-    tile, block = _slab_tile(a)
+    tile = _slab_tile(a)
     _slab_stats_kernel[(triton.cdiv(M, tile["BLOCK_M"]),)](a, targets, logp, entropy, lse, M, 1.0 / temperature,
-                                                          V=V, BLOCK_V=block, **tile)
+                                                          V=V, **tile)
     return logp, entropy, lse
 
 
@@ -533,10 +532,10 @@ def _slab_grad_triton(a, col0, targets, temperature, lse, entropy, grad_logp, gr
     for t in (targets, lse, entropy, grad_logp, grad_entropy):
         assert t.shape == (N,) and t.is_contiguous()
     d_a = torch.empty(N, C, dtype=out_dtype, device=a.device)                   # [N, C]
-    tile, block = _slab_tile(a)
-    grid = (triton.cdiv(N, tile["BLOCK_M"]), triton.cdiv(C, block))
+    tile = _slab_tile(a)
+    grid = (triton.cdiv(N, tile["BLOCK_M"]), triton.cdiv(C, tile["BLOCK_C"]))
     _slab_grad_kernel[grid](a, d_a, targets, lse, entropy, grad_logp, grad_entropy, N, C, col0, 1.0 / temperature,
-                            BLOCK_C=block, **tile)
+                            **tile)
     return d_a
 
 
@@ -561,8 +560,10 @@ def _chunked_backward(hidden, weight, targets, temperature, lse, entropy, grad_l
     slab_grad = _slab_grad_triton if triton_slabs else _slab_grad_torch
     grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if compute_dx else None     # [N, d]
     grad_weight = torch.empty_like(weight) if compute_dw else None                         # [V, d]
-    cols = max(1, _slab_bytes(hidden, N, V) // (4 * max(N, 1)))
-    for c0 in range(0, V if N else 0, cols):
+    if N == 0:                           # no rows: dW is zero, and there is nothing to recompute
+        return grad_hidden, grad_weight.zero_() if compute_dw else None
+    cols = max(1, _slab_bytes(hidden, N, V) // (4 * N))
+    for c0 in range(0, V, cols):
         w = weight[c0:c0 + cols]                                                # [C, d] view
         a = _logits_fp32(hidden, w)                                             # [N, C] fp32
         d_a = slab_grad(a, c0, targets, temperature, lse, entropy, grad_logp, grad_entropy,
@@ -573,8 +574,6 @@ def _chunked_backward(hidden, weight, targets, temperature, lse, entropy, grad_l
         if compute_dx:
             grad_hidden += d_a @ w                                              # [N, d]
         del d_a
-    if compute_dw and N == 0:
-        grad_weight.zero_()
     return grad_hidden, grad_weight
 
 
@@ -1294,15 +1293,13 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
             bar = tqdm(total=n * k, desc=desc)
 
         def run(batch):  # retry at half the batch on out-of-memory
-            out_of_memory = False
             try:
                 _run_batch(model, batch, row_budgets, temperature, top_p, eos, stopper, backend,
                            results, prefill_tokens)
             except torch.cuda.OutOfMemoryError:
                 if sum(len(r) for _, r in batch) <= 1:
                     raise
-                out_of_memory = True
-            if not out_of_memory:
+            else:
                 if bar is not None:
                     bar.update(sum(len(r) for _, r in batch))
                 return

@@ -78,7 +78,7 @@ def compile_jobs():
                  dict(num_warps=w, num_stages=st)) for n, v, d, w, st in kernels._CUDA_BWD_TILES]
 
     slab_tile = dict(kernels._SLAB_TILE)
-    slab_block, slab_warps = slab_tile.pop("BLOCK"), slab_tile.pop("num_warps")
+    slab_warps = slab_tile.pop("num_warps")
     slab_stats_types = dict(logits_ptr="*fp32", targets_ptr="*i64", logp_ptr="*fp32", entropy_ptr="*fp32",
                             lse_ptr="*fp32", M="i32", inv_temperature="fp32")
     slab_grad_types = dict(logits_ptr="*fp32", targets_ptr="*i64", lse_ptr="*fp32", entropy_ptr="*fp32",
@@ -89,10 +89,10 @@ def compile_jobs():
     for cc in SHARED_LIMIT:
         if cc in TRAINING_TARGETS:
             # the chunked path's slab kernels (the GPU default), dA in bf16 (training) and fp32
-            each.append(("_slab_stats_kernel", cc, slab_stats_types, dict(V=102400, BLOCK_V=slab_block, **slab_tile),
+            each.append(("_slab_stats_kernel", cc, slab_stats_types, dict(V=102400, **slab_tile),
                          dict(num_warps=slab_warps)))
-            each += [("_slab_grad_kernel", cc, dict(slab_grad_types, d_logits_ptr=f"*{dtype}"),
-                      dict(BLOCK_C=slab_block, **slab_tile), dict(num_warps=slab_warps)) for dtype in ("bf16", "fp32")]
+            each += [("_slab_grad_kernel", cc, dict(slab_grad_types, d_logits_ptr=f"*{dtype}"), slab_tile,
+                      dict(num_warps=slab_warps)) for dtype in ("bf16", "fp32")]
             # backward (dX, dW): full fine-tuning trains the lm_head; with LoRA it is frozen (only dX)
             for flags in (None, (True, True), (True, False)):
                 each += logprob_jobs(cc, "bf16", flags)
