@@ -177,7 +177,13 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
         st = ours["stats"]
         roof_s = (st["steps"] * weight_bytes + st["kv_read_tokens"] * kv_tok) / (bw * 1e9)
         rows = [("ours", ours, len(states))]
-        if args.greedy_row:  # the same work drawn greedily: the difference is what sampling (top-p sort) costs
+        if args.sort_row:  # the same work with the torch top-p draw (a sort) in place of the Triton kernel
+            ks.SAMPLER_TOP_P_KERNEL = False
+            try:
+                rows.append(("ours, sort top-p", run_ours(model, states, K, T), len(states)))
+            finally:
+                ks.SAMPLER_TOP_P_KERNEL = True
+        if args.greedy_row:  # the same work drawn greedily: the difference is what sampling costs
             rows.append(("ours, greedy", run_ours(model, states, K, T, temperature=0.0), len(states)))
         eager = None
         if not args.no_generate:
@@ -209,19 +215,23 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
 
 def sampling_cost(rows, vocab, device):
     """Where a decode step's time goes, in part: drawing the next tokens of `rows` rows from bf16 logits
-    (ms per step), greedy / temperature only / temperature + top-p (the sort over the vocabulary)."""
+    (ms per step): greedy; temperature only; temperature + top-p, by the torch path (a sort over the
+    vocabulary) and, on a GPU, by the Triton kernel the sampler uses there (radix selects, no sort)."""
     logits = torch.randn(rows, vocab, device=device, dtype=torch.bfloat16) * 3
+    cases = [("greedy", 0.0, 1.0, False), ("T=0.6 torch", 0.6, 1.0, False),
+             ("T=0.6 top_p=0.9 torch (sort)", 0.6, 0.9, False)]
+    if device == "cuda":
+        cases += [("T=0.6 kernel", 0.6, 1.0, True), ("T=0.6 top_p=0.9 kernel", 0.6, 0.9, True)]
     times = []
-    for temperature, top_p in [(0.0, 1.0), (0.6, 1.0), (0.6, 0.9)]:
-        ks._sample_next(logits, temperature, top_p)
+    for name, temperature, top_p, use_kernel in cases:
+        ks._sample_next(logits, temperature, top_p, use_kernel)
         sync()
         t0 = time.perf_counter()
         for _ in range(10):
-            ks._sample_next(logits, temperature, top_p)
+            ks._sample_next(logits, temperature, top_p, use_kernel)
         sync()
-        times.append(f"{(time.perf_counter() - t0) / 10 * 1e3:.2f}")
-    print(f"{'':<16}sampling {rows} rows x V {vocab}, ms per step: greedy {times[0]}, T=0.6 {times[1]}, "
-          f"T=0.6 top_p=0.9 {times[2]}")
+        times.append(f"{name} {(time.perf_counter() - t0) / 10 * 1e3:.2f}")
+    print(f"{'':<16}sampling {rows} rows x V {vocab}, ms per step: " + ", ".join(times))
 
 
 def main():
@@ -234,6 +244,8 @@ def main():
                     help="GPU: which model configs to run (by label)")
     ap.add_argument("--no-generate", action="store_true", help="GPU: skip the transformers generate baselines")
     ap.add_argument("--greedy-row", action="store_true", help="GPU: also time ours drawing greedily (cost of sampling)")
+    ap.add_argument("--sort-row", action="store_true",
+                    help="GPU: also time ours drawing top-p with the torch sort instead of the Triton kernel")
     ap.add_argument("--compile-baseline", action="store_true",
                     help="GPU: let generate torch.compile its static-cache forward (slow to compile)")
     args = ap.parse_args()

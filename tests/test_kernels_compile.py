@@ -5,7 +5,7 @@ what only the GPU compiler sees: a tile that does not lower (tl.dot shapes, dtyp
 needs more shared memory than a block may have, which Triton reports only when the kernel is loaded on
 the GPU (OutOfResources). Triton compiles for a target named in the call with the ptxas bundled in its
 wheel, no driver needed, so this file compiles every tile the launchers can choose for an A100 (sm_80)
-and an H100/H200 (sm_90), the sampler's attention also for a T4 (sm_75), and checks the shared memory
+and an H100/H200 (sm_90), the sampler's attention and top-p draw also for a T4 (sm_75), and checks the shared memory
 each needs against those cards' limits.
 
 It runs in a child process because conftest.py sets TRITON_INTERPRET=1 before triton is imported, and
@@ -105,6 +105,15 @@ def compile_jobs():
                 each.append(("_partial_attention_kernel", cc,
                              dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", **attn_types),
                              dict(tile, **kernels._attention_dtype_options(q)), dict(num_warps=4, num_stages=3)))
+        # the sampler's top-p draw: bf16 logits (vineppo.py on a GPU), fp16 (a T4 has no bf16), fp32
+        sample_tile = dict(kernels._sample_tile(compiled=True))
+        sample_warps = sample_tile.pop("num_warps")
+        for dtype, passes in (("bf16", 4), ("fp16", 5), ("fp32", 8)):
+            for top_p in (True, False):
+                each.append(("_top_p_sample_kernel", cc,
+                             dict(X=f"*{dtype}", U="*fp32", OUT="*i64", stride_x="i32", V="i32", inv_t="fp32",
+                                  top_p="fp32"),
+                             dict(TOP_P=top_p, KEY_PASSES=passes, **sample_tile), dict(num_warps=sample_warps)))
     return each, first_fit
 
 
@@ -137,7 +146,8 @@ def test_gpu_kernels_compile_and_fit_shared_memory():
     assert len(results["each"]) == len(each) and len(results["first_fit"]) == len(first_fit) == 2
     assert {(r["kernel"], r["cc"]) for r in results["each"]} >= {("_partial_attention_kernel", 75),
                                                                  ("_logprob_bwd_kernel", 80), ("_logprob_fwd_kernel", 90)}
-    assert {("_slab_stats_kernel", 90), ("_slab_grad_kernel", 80)} <= {(r["kernel"], r["cc"]) for r in results["each"]}
+    assert {("_slab_stats_kernel", 90), ("_slab_grad_kernel", 80), ("_top_p_sample_kernel", 75),
+            ("_top_p_sample_kernel", 90)} <= {(r["kernel"], r["cc"]) for r in results["each"]}
     for r in results["each"]:
         assert "error" not in r, r
         assert r["shared"] <= SHARED_LIMIT[r["cc"]], r

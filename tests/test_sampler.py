@@ -256,6 +256,65 @@ def test_sampling_distribution_chi_square(temperature, top_p, device):
         assert df >= 2 and _chi2_sf(chi2, df) > 1e-3, (chi2, df)
 
 
+# The GPU's top-p draw (a Triton kernel with no sort; the interpreter runs it here) against the torch path
+# with the same uniforms: the same token for every row. A row repeated with u on a grid over (0, 1) traces
+# the whole inverse CDF, so every kept token's interval is checked, not only the tokens a few draws hit.
+def _u_grid(n):
+    return (torch.arange(n) + 0.5) / n
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,temperature,top_p", [(torch.float32, 0.6, 0.9), (torch.bfloat16, 0.6, 0.9),
+                                                     (torch.float16, 1.0, 0.5), (torch.bfloat16, 0.8, 1.0)],
+                         ids=["fp32-nucleus", "bf16-nucleus", "fp16-half", "bf16-no-nucleus"])
+def test_top_p_kernel_draws_the_torch_paths_tokens(dtype, temperature, top_p, device):
+    import triton  # noqa: F401
+    torch.manual_seed(3)
+    B, V, n = 4, 160, 48  # V spans two of the interpreter's 128-wide blocks
+    logits = (torch.randn(B, V) * 1.5).to(dtype)
+    rows = torch.cat([logits, logits[:1].expand(n, V)]).to(device)  # (B + n, V)
+    u = torch.cat([1.0 - torch.rand(B), _u_grid(n)]).to(device)  # (B + n,)
+    want = ks._sample_next_torch(rows, temperature, top_p, u)
+    got = ks._top_p_sample_triton(rows, temperature, top_p, u)
+    assert torch.equal(got, want)
+    assert want[B:].unique().numel() >= (3 if top_p < 1 else 20), "the grid should reach many tokens"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_p_kernel_ties_at_the_nucleus_boundary(device):
+    """bf16 logits from 7 levels (about 23 tokens each, masked -inf ones among them): the nucleus ends inside
+    a group of tied tokens, of which the stable sort keeps the first ones by index; so does the kernel."""
+    import triton  # noqa: F401
+    torch.manual_seed(4)
+    V, n, temperature, top_p = 160, 64, 1.0, 0.7
+    levels = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, float("-inf")])
+    row = levels[torch.randint(0, len(levels), (V,))].to(torch.bfloat16)  # bf16: where ties are common
+    rows, u = row.expand(n, V).contiguous().to(device), _u_grid(n).to(device)
+    want = ks._sample_next_torch(rows, temperature, top_p, u)
+    got = ks._top_p_sample_triton(rows, temperature, top_p, u)
+    assert torch.equal(got, want)
+    # the test's premise: the last level reached is cut part-way, and nothing past it is drawn
+    last = row[want].float().min()
+    group = (row.float() == last).nonzero().squeeze(1)
+    drawn = torch.isin(group, want.cpu())
+    assert drawn.any() and not drawn.all() and bool((row[want].float() >= last).all())
+    assert not torch.isinf(row[want].float()).any()
+
+
+def test_sampled_continuations_equal_on_the_triton_and_torch_backends(monkeypatch):
+    """The GPU decode path (Triton attention + the kernel's top-p draw, interpreted here) samples the same
+    continuations as the plain torch path from the same seed."""
+    import triton  # noqa: F401
+    model = _llama(11)
+    runs = []
+    for backend in ["torch", "triton"]:
+        monkeypatch.setattr(ks, "SAMPLER_BACKEND", backend)
+        torch.manual_seed(5)
+        runs.append(ks.sample_continuations(model, PREFIXES[:3], k=3, max_new_tokens=3, temperature=0.7, top_p=0.9))
+    assert runs[0] == runs[1]
+    assert len({tuple(t) for rows in runs[0][0] for t in rows}) > 4, "draws should differ across rows"
+
+
 def test_edge_cases_and_length_assert():
     model = _llama(8)
     assert ks.sample_continuations(model, [[1, 2]], k=2, max_new_tokens=0) == ([[[], []]], [[False, False]])
@@ -290,13 +349,16 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
 
     from benchmarks import bench_sampler
     tiny = ("tiny", dict(layers=1, d=64, heads=4, kv_heads=2, vocab=64, inter=128, max_pos=128), 1, 2, 2)
-    args = types.SimpleNamespace(new_tokens=3, compile_baseline=False, no_generate=False, greedy_row=True)
+    args = types.SimpleNamespace(new_tokens=3, compile_baseline=False, no_generate=False, greedy_row=True,
+                                 sort_row=True)
     with torch.no_grad():
         bench_sampler.gpu_rows(args, device="cpu", configs=[tiny], shape=(8, 16, 4), K=2, dtype=torch.float32)
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("tiny")]
-    assert [r[1] for r in rows[:4]] == ["ours", "ours,", "generate", "generate"]   # ours, ours greedy, eager, static
-    assert rows[0][2:4] == ["25", "50"] and rows[1][3:5] == ["25", "50"]         # 1 + 8 x 3 states, K=2
+    assert [r[1:3] for r in rows[:5]] == [["ours", "25"], ["ours,", "sort"], ["ours,", "greedy"], ["generate", "eager"],
+                                          ["generate", "static"]]
+    assert rows[0][2:4] == ["25", "50"] and rows[1][4:6] == rows[2][3:5] == ["25", "50"]  # 1 + 8 x 3 states, K=2
+    assert ks.SAMPLER_TOP_P_KERNEL, "the sort row restores the kernel draw"
     assert "prefill tokens: ours" in out and "failed" not in out and "sampling 50 rows" in out
 
 
