@@ -207,6 +207,8 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
             print(f"{label:<16}prefill tokens: ours {ours['prefill']} for {len(states)} states, generate "
                   f"{eager['prefill']} for {len(gstates)} ({per_state:.0f}x more per state)")
         print(f"{label:<16}ours: {st['batches']} batches, {st['oom_retries']} OOM retries, {st['steps']} decode steps")
+        if args.profile:
+            profile_decode(model, states, K, device)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -234,6 +236,40 @@ def sampling_cost(rows, vocab, device):
     print(f"{'':<16}sampling {rows} rows x V {vocab}, ms per step: " + ", ".join(times))
 
 
+# Device-time categories of profile_decode, matched on kernel / op names (first match wins)
+PROFILE_CATEGORIES = [("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "sm80_", "aten::mm", "aten::addmm",
+                                  "aten::bmm", "aten::linear")),
+                      ("attention", ("_partial_attention", "scaled_dot_product")),
+                      ("top-p draw", ("_top_p_sample", "sort", "cumsum", "softmax", "radix")),
+                      ("other (norms, rotary, merges, copies)", ("",))]
+
+
+def profile_decode(model, states, K, device, new_tokens=16):
+    """Where our decode steps' time goes: torch.profiler over one run of `new_tokens` steps (CUDA graphs
+    and all, as the rows above run), device time per step by category and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    on_gpu = device == "cuda"
+    run_ours(model, states, K, 2)  # warm-up at this batch size
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        r = run_ours(model, states, K, new_tokens)
+    steps = r["stats"]["steps"]
+    attr = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    # on a GPU, kernels only (device time > 0); on a CPU, leaf ops (no children): aten:: ops' own time
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0 and (on_gpu or e.key.startswith("aten::"))]
+    spent = {name: 0.0 for name, _ in PROFILE_CATEGORIES}
+    for e in events:
+        name = next(c for c, pats in PROFILE_CATEGORIES if any(p in e.key for p in pats))
+        spent[name] += getattr(e, attr) / 1e3 / steps  # ms per step
+    total = sum(spent.values())
+    print(f"{'':<16}profile: {len(states) * K} rows, {steps} decode steps, wall {r['seconds'] / steps * 1e3:.2f} ms "
+          f"per step, {'device' if on_gpu else 'CPU op'} time {total:.2f} ms per step:")
+    for name, ms in spent.items():
+        print(f"{'':<18}{name:<40}{ms:>8.2f} ms {ms / max(total, 1e-9):>6.0%}")
+    print(f"{'':<18}top {min(8, len(events))} by time per step:")
+    for e in sorted(events, key=lambda e: -getattr(e, attr))[:8]:
+        print(f"{'':<20}{getattr(e, attr) / 1e3 / steps:>8.3f} ms  {e.key[:90]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="GPU rows only")
@@ -244,6 +280,8 @@ def main():
                     help="GPU: which model configs to run (by label)")
     ap.add_argument("--no-generate", action="store_true", help="GPU: skip the transformers generate baselines")
     ap.add_argument("--greedy-row", action="store_true", help="GPU: also time ours drawing greedily (cost of sampling)")
+    ap.add_argument("--profile", action="store_true",
+                    help="GPU: profile 16 of our decode steps: device time by category and the top kernels")
     ap.add_argument("--sort-row", action="store_true",
                     help="GPU: also time ours drawing top-p with the torch sort instead of the Triton kernel")
     ap.add_argument("--compile-baseline", action="store_true",

@@ -14,7 +14,8 @@
 # step: logprobs 130 s, sampler 260 s, tests 170 s, so that all three fit one 10-minute device call
 # (`bash benchmarks/gpu_checks.sh logprobs sampler tests`; on an H200 the full test step took 144 s, and
 # a whole call 356 s with the 7B sampler row failing early). Overrides: TESTS_K (pytest -k, default cuda),
-# SAMPLER_ARGS (e.g. "--configs DeepSeekMath-7B"), TESTS_LIMIT / LOGPROBS_LIMIT / SAMPLER_LIMIT (seconds).
+# SAMPLER_ARGS (e.g. "--configs DeepSeekMath-7B", or "--sort-row --profile": ours with the sort draw too,
+# and a per-category profile of 16 decode steps), TESTS_LIMIT / LOGPROBS_LIMIT / SAMPLER_LIMIT (seconds).
 # Needs torch, triton, transformers, peft, tokenizers, pytest.
 # Extra wheels in .whl/ (e.g. Liger-Kernel for bench_logprobs' comparison row, which the lent GPU
 # machines lack: `pip download --no-deps -d .whl liger-kernel==0.8.5` on a machine with a registry)

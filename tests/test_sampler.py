@@ -350,7 +350,7 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     from benchmarks import bench_sampler
     tiny = ("tiny", dict(layers=1, d=64, heads=4, kv_heads=2, vocab=64, inter=128, max_pos=128), 1, 2, 2)
     args = types.SimpleNamespace(new_tokens=3, compile_baseline=False, no_generate=False, greedy_row=True,
-                                 sort_row=True)
+                                 sort_row=True, profile=True)
     with torch.no_grad():
         bench_sampler.gpu_rows(args, device="cpu", configs=[tiny], shape=(8, 16, 4), K=2, dtype=torch.float32)
     out = capsys.readouterr().out
@@ -359,6 +359,10 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
                                           ["generate", "static"]]
     assert rows[0][2:4] == ["25", "50"] and rows[1][4:6] == rows[2][3:5] == ["25", "50"]  # 1 + 8 x 3 states, K=2
     assert ks.SAMPLER_TOP_P_KERNEL, "the sort row restores the kernel draw"
+    prof = out[out.index("profile: 50 rows, 16 decode steps"):].splitlines()
+    spent = {line[18:58].strip(): float(line[58:].split()[0]) for line in prof[1:5]}
+    assert list(spent)[0] == "matmul" and spent["matmul"] > 0 and prof[5].strip().startswith("top ")
+    assert abs(sum(spent.values()) - float(prof[0].split("time ")[1].split()[0])) < 0.02  # the parts add up
     assert "prefill tokens: ours" in out and "failed" not in out and "sampling 50 rows" in out
 
 
