@@ -105,11 +105,13 @@ def compile_jobs():
                 each.append(("_partial_attention_kernel", cc,
                              dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", **attn_types),
                              dict(tile, **kernels._attention_dtype_options(q)), dict(num_warps=4, num_stages=3)))
-        # the sampler's top-p draw: bf16 logits (vineppo.py on a GPU), fp16 (a T4 has no bf16), fp32
+        # the sampler's top-p draw: bf16 logits (vineppo.py on a GPU), fp16 (a T4 has no bf16), fp32 (any
+        # card); the nucleus variant for each dtype once (each takes ~3 s to compile), the other everywhere
         sample_tile = dict(kernels._sample_tile(compiled=True))
         sample_warps = sample_tile.pop("num_warps")
+        nucleus_dtype = {75: "fp16", 80: "bf16", 90: "fp32"}[cc]
         for dtype, passes in (("bf16", 4), ("fp16", 5), ("fp32", 8)):
-            for top_p in (True, False):
+            for top_p in (True, False) if dtype == nucleus_dtype or (cc, dtype) == (90, "bf16") else (False,):
                 each.append(("_top_p_sample_kernel", cc,
                              dict(X=f"*{dtype}", U="*fp32", OUT="*i64", stride_x="i32", V="i32", inv_t="fp32",
                                   top_p="fp32"),

@@ -270,14 +270,14 @@ def _u_grid(n):
 def test_top_p_kernel_draws_the_torch_paths_tokens(dtype, temperature, top_p, device):
     import triton  # noqa: F401
     torch.manual_seed(3)
-    B, V, n = 4, 160, 48  # V spans two of the interpreter's 128-wide blocks
+    B, V, n = 2, 160, 32  # V spans two of the interpreter's 128-wide blocks
     logits = (torch.randn(B, V) * 1.5).to(dtype)
     rows = torch.cat([logits, logits[:1].expand(n, V)]).to(device)  # (B + n, V)
     u = torch.cat([1.0 - torch.rand(B), _u_grid(n)]).to(device)  # (B + n,)
     want = ks._sample_next_torch(rows, temperature, top_p, u)
     got = ks._top_p_sample_triton(rows, temperature, top_p, u)
     assert torch.equal(got, want)
-    assert want[B:].unique().numel() >= (3 if top_p < 1 else 20), "the grid should reach many tokens"
+    assert want[B:].unique().numel() >= (3 if top_p < 1 else 15), "the grid should reach many tokens"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -286,7 +286,7 @@ def test_top_p_kernel_ties_at_the_nucleus_boundary(device):
     a group of tied tokens, of which the stable sort keeps the first ones by index; so does the kernel."""
     import triton  # noqa: F401
     torch.manual_seed(4)
-    V, n, temperature, top_p = 160, 64, 1.0, 0.7
+    V, n, temperature, top_p = 160, 40, 1.0, 0.7
     levels = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, float("-inf")])
     row = levels[torch.randint(0, len(levels), (V,))].to(torch.bfloat16)  # bf16: where ties are common
     rows, u = row.expand(n, V).contiguous().to(device), _u_grid(n).to(device)
@@ -310,7 +310,7 @@ def test_sampled_continuations_equal_on_the_triton_and_torch_backends(monkeypatc
     for backend in ["torch", "triton"]:
         monkeypatch.setattr(ks, "SAMPLER_BACKEND", backend)
         torch.manual_seed(5)
-        runs.append(ks.sample_continuations(model, PREFIXES[:3], k=3, max_new_tokens=3, temperature=0.7, top_p=0.9))
+        runs.append(ks.sample_continuations(model, PREFIXES[:3], k=2, max_new_tokens=3, temperature=0.7, top_p=0.9))
     assert runs[0] == runs[1]
     assert len({tuple(t) for rows in runs[0][0] for t in rows}) > 4, "draws should differ across rows"
 
