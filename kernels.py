@@ -1098,7 +1098,7 @@ if HAS_TRITON:
                 d = (key >> shift) & 15
                 lanes += tl.where(d[:, None] == digits[None, :], w[:, None], 0.0)
             hist = tl.sum(lanes, axis=0)  # [16]
-            at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # [16]: mass with digit >= d
+            at_or_above = tl.cumsum(hist, axis=0, reverse=True)  # [16]: mass with digit >= d
             # the largest digit whose mass from the top reaches tau; it always holds mass (else the next
             # digit up would reach tau too), and requiring that keeps a rounding error from descending into
             # an empty digit. If rounding leaves tau above every digit's, the last digit with mass.

@@ -500,8 +500,8 @@ def load_policy(path: str, device: torch.device, args: Args):
             assert not set_peft_model_state_dict(policy, weights).unexpected_keys, f"{path}: adapter does not fit {base}"
         policy.lora_config = config               # save_checkpoint writes it as adapter_config.json
         policy.to(device)
-    if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+    if args.gradient_checkpointing:   # transformers 5.2x renamed it; the old name warns, older versions lack the new
+        (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
     policy.config.use_cache = False
     assert policy.get_output_embeddings().bias is None, "fused log-probs assume an lm_head without bias"
     return policy, tokenizer

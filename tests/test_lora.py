@@ -165,6 +165,7 @@ def test_critic_gpt2_gradient_checkpointing(tmp_path):
     args = vp.parse_args(lora_flags(model, data, tmp_path / "run", "--advantage", "critic", "--gradient-checkpointing",
                                     "--iterations", "1", "--eval-every", "5"))
     records, policy = train_capturing_policy(args)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in policy.modules()), "checkpointing is on"
     assert records[-1]["update/steps"] == 4 and records[-1]["update/grad_norm"] > 0
     assert max(float(p.detach().abs().max()) for n, p in lora_params(policy).items() if "lora_B" in n) > 1e-3
 
