@@ -1031,9 +1031,10 @@ def _prefill(model, leaders, prefill_tokens):
 # likely tokens whose mass reaches top_p: walking the tokens in descending order (ties by lower index,
 # a stable sort), a token is kept when the mass strictly before it is < top_p, as transformers'
 # TopPLogitsWarper does. The inverse CDF walks the same order.
-#   _sample_next_torch   the specification: a stable sort, cumsums (the CPU path and the test oracle)
-#   _top_p_sample_kernel the same draw with no sort: radix selects on the logits' bits (GPU)
-#   _sample_next         dispatch
+#   _sample_next_torch    the specification: a stable sort, cumsums (the CPU path and the test oracle)
+#   _top_p_sample_kernel  the same draw with no sort: radix selects on the logits' bits (GPU)
+#   _top_p_sample_triton  its launcher (no autograd: sampling has no gradient)
+#   _sample_next          dispatch: greedy, the kernel, or the torch path
 def _sample_next_torch(logits, temperature, top_p, u):
     """logits (B, V), u (B,) uniforms in (0, 1] -> token ids (B,)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
