@@ -147,8 +147,17 @@ def test_real_model_path_math_jsonl(tmp_path, arch, advantage, lora, device):
     (["--advantage", "magic"], "unknown --advantage"),
     (["--model", "tiny", "--task", "gsm8k"], "runs --task arith only"),
 ])
-def test_invalid_flags_give_one_line_error(flags, message):
-    result = run_cli(flags)
-    assert result.returncode != 0
+def test_invalid_flags_give_one_line_error(flags, message, capsys):
+    """In-process (parse_args is what the command line runs first); the next test runs the real CLI once."""
+    with pytest.raises(SystemExit) as exit_:
+        vp.parse_args(flags)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_invalid_flag_from_the_command_line():
+    result = run_cli(["--k", "0"])
+    assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert len(lines) == 1 and "--k must be >= 1" in lines[0] and "Traceback" not in result.stderr
