@@ -1064,7 +1064,8 @@ def _sample_next_torch(logits, temperature, top_p, u):
 #      that reach top_p Z; kept mass Zp = M(above x*) + c w(x*)
 #   3. the draw: x(u Zp), and within its group the i-th token by index, i = ceil((u Zp - above) / w) - 1
 #   4. one pass: the index of that token
-# Every pass after the first reads a row the program has just read, which an L2 cache may still hold
+# Without a nucleus (top_p = 1) the torch path walks by index, and so does the kernel: steps 2-4 become
+# one cumulative pass. Every pass after the first reads a row the program has just read, which an L2 cache may still hold
 # (not measured: the kernel was written on a machine without a GPU).
 if HAS_TRITON:
     @triton.jit
