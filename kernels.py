@@ -1065,8 +1065,8 @@ def _sample_next_torch(logits, temperature, top_p, u):
 #   3. the draw: x(u Zp), and within its group the i-th token by index, i = ceil((u Zp - above) / w) - 1
 #   4. one pass: the index of that token
 # Without a nucleus (top_p = 1) the torch path walks by index, and so does the kernel: steps 2-4 become
-# one cumulative pass. Every pass after the first reads a row the program has just read, which an L2 cache may still hold
-# (not measured: the kernel was written on a machine without a GPU).
+# one cumulative pass. Every pass after the first reads a row the program has just read, which an L2
+# cache may still hold (not measured: the kernel was written on a machine without a GPU).
 if HAS_TRITON:
     @triton.jit
     def _key_to_logit(key, LOW: tl.constexpr):
@@ -1094,7 +1094,7 @@ if HAS_TRITON:
                 # the interpreter pays ~1 ms for every call of a @triton.jit function
                 bits = x.to(tl.int32, bitcast=True)
                 key = bits ^ ((bits >> 31) | -2147483648)
-                w = tl.where(cols < V, tl.exp(x * inv_t - z_max), 0.0)
+                w = tl.exp(x * inv_t - z_max)  # 0 on padding columns (x = -inf), as in step 1
                 if p > 0:  # only tokens whose higher digits equal the ones fixed so far
                     w = tl.where((key >> (shift + 4)) == (prefix >> (shift + 4)), w, 0.0)
                 d = (key >> shift) & 15

@@ -254,8 +254,11 @@ def profile_decode(model, states, K, device, new_tokens=16):
         r = run_ours(model, states, K, new_tokens)
     steps = r["stats"]["steps"]
     attr = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    # on a GPU, kernels only (device time > 0); on a CPU, leaf ops (no children): aten:: ops' own time
-    events = [e for e in prof.key_averages() if getattr(e, attr) > 0 and (on_gpu or e.key.startswith("aten::"))]
+    # on a GPU the kernels themselves: an aten:: op also reports its kernels' time as its own self device
+    # time, so counting ops too would count each kernel twice; on a CPU the aten:: ops' self time
+    from torch.autograd import DeviceType
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0 and
+              (e.device_type == DeviceType.CUDA if on_gpu else e.key.startswith("aten::"))]
     spent = {name: 0.0 for name, _ in PROFILE_CATEGORIES}
     for e in events:
         name = next(c for c, pats in PROFILE_CATEGORIES if any(p in e.key for p in pats))
