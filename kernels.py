@@ -850,6 +850,59 @@ def _partial_attention_cpu(q, k, v, mask, empty, scale):
     return o.float(), lse.float()
 
 
+def _merge_partials_torch(o1, l1, o2, l2, pad_idx, R, out_dtype):
+    """One row's attention from its two parts: o1 (G, Hkv, R*nrep, D) / l1 (G, Hkv, R*nrep) over the
+    prefix, in the (G, R) slot layout, and o2 (B, Hkv, nrep, D) / l2 (B, Hkv, nrep) over the row's own
+    new tokens; row b sits at slot pad_idx[b]. Each part is softmax-normalised over its own columns, so
+    the whole is their mix weighted by each part's share of the total exp-mass, exp(lse_i - max):
+        out = (o1 w1 + o2 w2) / (w1 + w2),  w_i = exp(l_i - max(l1, l2))
+    (l2 is always finite: a row attends to its own last token). Returns (B, Hkv, nrep, D) in out_dtype."""
+    G, Hkv, _, D = o1.shape
+    B, _, nrep, _ = o2.shape
+    o1 = o1.view(G, Hkv, R, nrep, D).permute(0, 2, 1, 3, 4).reshape(G * R, Hkv, nrep, D).index_select(0, pad_idx)
+    l1 = l1.view(G, Hkv, R, nrep).permute(0, 2, 1, 3).reshape(G * R, Hkv, nrep).index_select(0, pad_idx)
+    m = torch.maximum(l1, l2)  # (B, Hkv, nrep)
+    w1, w2 = torch.exp(l1 - m).unsqueeze(-1), torch.exp(l2 - m).unsqueeze(-1)
+    return ((o1 * w1 + o2 * w2) / (w1 + w2)).to(out_dtype)  # (B, Hkv, nrep, D)
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _merge_partials_kernel(O1, L1, O2, L2, PAD, OUT, R, Hkv, NREP, D,
+                               BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program: the nrep query heads of one (row b, KV head h). The torch path above makes ~10
+        # passes over (B, Hq, D) fp32 tensors per layer (a gather, products, a sum, a division, a cast);
+        # this reads o1 (through the slot) and o2 once and writes the output once, in the model's dtype.
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        slot = tl.load(PAD + b)
+        g, r = slot // R, slot % R
+        j, d = tl.arange(0, BLOCK_J), tl.arange(0, BLOCK_D)
+        j_ok = j < NREP
+        ok = j_ok[:, None] & (d[None, :] < D)
+        i1 = ((g * Hkv + h) * R + r) * NREP + j  # (BLOCK_J,) rows of o1 / l1: slot (g, r), head h
+        i2 = (b * Hkv + h) * NREP + j            # (BLOCK_J,) rows of o2 / l2 / OUT
+        l1 = tl.load(L1 + i1, mask=j_ok, other=float("-inf"))
+        l2 = tl.load(L2 + i2, mask=j_ok, other=0.0)
+        m = tl.maximum(l1, l2)
+        w1, w2 = tl.exp(l1 - m), tl.exp(l2 - m)
+        o1 = tl.load(O1 + i1[:, None] * D + d[None, :], mask=ok, other=0.0)
+        o2 = tl.load(O2 + i2[:, None] * D + d[None, :], mask=ok, other=0.0)
+        out = (o1 * w1[:, None] + o2 * w2[:, None]) / (w1 + w2)[:, None]
+        tl.store(OUT + i2[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=ok)
+
+
+def _merge_partials_triton(o1, l1, o2, l2, pad_idx, R, out_dtype):
+    """_merge_partials_torch in one kernel; o1, l1, o2, l2 contiguous fp32 as the attention kernel
+    writes them."""
+    B, Hkv, nrep, D = o2.shape
+    out = torch.empty(B, Hkv, nrep, D, device=o2.device, dtype=out_dtype)
+    block_j, block_d = triton.next_power_of_2(nrep), triton.next_power_of_2(D)
+    _merge_partials_kernel[(B, Hkv)](o1, l1, o2, l2, pad_idx, out, R, Hkv, nrep, D, BLOCK_J=block_j,
+                                     BLOCK_D=block_d, num_warps=max(1, min(4, block_j * block_d // 256)))
+    return out
+
+
 def _cascade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Registered as an HF attention implementation for the decode steps only. query (B, Hq, 1, D);
     key/value are this layer's new-token caches sk/sv (B, Hkv, T, D) from _CascadeCache.update."""
@@ -884,13 +937,8 @@ def _cascade_attention(module, query, key, value, attention_mask, scaling=None, 
         plens = c.prefix_lens(nrep).unsqueeze(1)  # (G, 1, R*nrep)
         o1, l1 = _partial_attention_torch(qp, pk, pv, plens, scale)  # (G, Hkv, R*nrep, D), (G, Hkv, R*nrep)
         o2, l2 = _partial_attention_torch(qs, sk[:, :, :t1], sv[:, :, :t1], plens.new_full((1, 1, 1), t1), scale)
-    # Back to row order, then merge the two softmaxes: weights exp(lse_i - max) (l2 is always finite).
-    o1 = o1.view(G, Hkv, R, nrep, D).permute(0, 2, 1, 3, 4).reshape(G * R, Hkv, nrep, D).index_select(0, c.pad_idx)
-    l1 = l1.view(G, Hkv, R, nrep).permute(0, 2, 1, 3).reshape(G * R, Hkv, nrep).index_select(0, c.pad_idx)
-    m = torch.maximum(l1, l2)  # (B, Hkv, nrep)
-    w1, w2 = torch.exp(l1 - m).unsqueeze(-1), torch.exp(l2 - m).unsqueeze(-1)
-    out = (o1 * w1 + o2 * w2) / (w1 + w2)  # (B, Hkv, nrep, D)
-    return out.to(out_dtype).reshape(B, 1, Hq, D), None
+    merge = _merge_partials_triton if c.backend == "triton" else _merge_partials_torch
+    return merge(o1, l1, o2, l2, c.pad_idx, R, out_dtype).reshape(B, 1, Hq, D), None
 
 
 

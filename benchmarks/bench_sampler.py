@@ -220,6 +220,8 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
         if device == "cuda":
             torch.cuda.empty_cache()
         sampling_cost(len(states) * K, cfg["vocab"], device)
+        if device == "cuda":
+            attention_cost(len(states), K, cfg, T, dtype, device)
 
 
 def sampling_cost(rows, vocab, device):
@@ -247,6 +249,36 @@ def sampling_cost(rows, vocab, device):
                 for p in (0.9, 1.0)]
         print(f"{'':<16}kernel draws the torch path's token (same uniforms) on {same[0]} of {rows} rows at top_p=0.9, "
               f"{same[1]} of {rows} at top_p=1 (they may differ only where float rounding moves an interval edge)")
+
+
+def attention_cost(n_states, K, cfg, T, dtype, device, reps=20):
+    """The decode step's attention pieces alone, at the middle step t = T / 2, summed over the layers (ms per
+    step): the suffix part (each row over its own t new tokens, the KV bytes no sharing can save, with the
+    bandwidth it reaches) and the merge of the two parts, torch ops against the Triton kernel. The profile
+    above covers the first steps only, where the suffixes are short."""
+    B, Hkv, D, t = n_states * K, cfg["kv_heads"], cfg["d"] // cfg["heads"], T // 2
+    nrep = cfg["heads"] // Hkv
+    q = torch.randn(B * Hkv, nrep, D, device=device, dtype=dtype)
+    sk, sv = (torch.randn(B * Hkv, T, D, device=device, dtype=dtype) for _ in range(2))
+    lens = torch.full((1, 1), t, device=device, dtype=torch.int32).expand(1, nrep)
+    parts = [torch.randn(*shape, device=device) for shape in
+             [(n_states, Hkv, K * nrep, D), (n_states, Hkv, K * nrep), (B, Hkv, nrep, D), (B, Hkv, nrep)]]
+    pad_idx = torch.arange(B, device=device)  # row b at slot b: n_states nests of K rows
+    cases = {"suffix attention": lambda: ks._partial_attention_triton(q, sk, sv, lens, D ** -0.5, B * Hkv),
+             "merge torch": lambda: ks._merge_partials_torch(*parts, pad_idx, K, dtype),
+             "merge kernel": lambda: ks._merge_partials_triton(*parts, pad_idx, K, dtype)}
+    times = {}
+    for name, fn in cases.items():
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        times[name] = (time.perf_counter() - t0) / reps * 1e3 * cfg["layers"]
+    gbs = 2 * B * Hkv * t * D * sk.element_size() * cfg["layers"] / (times["suffix attention"] / 1e3) / 1e9
+    print(f"{'':<16}attention at step {t} of {T}, {B} rows x {cfg['layers']} layers, ms per step: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in times.items()) + f" (suffix KV read at {gbs:.0f} GB/s)")
 
 
 # Device-time categories of profile_decode, matched on kernel / op names (first match wins)

@@ -105,6 +105,15 @@ def compile_jobs():
                 each.append(("_partial_attention_kernel", cc,
                              dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", **attn_types),
                              dict(tile, **kernels._attention_dtype_options(q)), dict(num_warps=4, num_stages=3)))
+        # the sampler's merge of the two attention parts, into the model's dtype: GQA (RhoMath: 8 query heads
+        # per KV head, head dim 64) and MHA (DeepSeekMath: 1, 128)
+        for nrep, head_dim in ((8, 64), (1, 128)):
+            for dtype in ("fp16" if cc == 75 else "bf16", "fp32"):
+                each.append(("_merge_partials_kernel", cc,
+                             dict(O1="*fp32", L1="*fp32", O2="*fp32", L2="*fp32", PAD="*i64", OUT=f"*{dtype}",
+                                  R="i32", Hkv="i32", NREP="i32", D="i32"),
+                             dict(BLOCK_J=nrep, BLOCK_D=head_dim),
+                             dict(num_warps=max(1, min(4, nrep * head_dim // 256)))))
         # the sampler's top-p draw: bf16 logits (vineppo.py on a GPU), fp16 (a T4 has no bf16), fp32 (any
         # card); the nucleus variant for each dtype once (each takes ~3 s to compile), the other everywhere
         sample_tile = dict(kernels._sample_tile(compiled=True))
@@ -149,11 +158,13 @@ def test_gpu_kernels_compile_and_fit_shared_memory():
     assert {(r["kernel"], r["cc"]) for r in results["each"]} >= {("_partial_attention_kernel", 75),
                                                                  ("_logprob_bwd_kernel", 80), ("_logprob_fwd_kernel", 90)}
     assert {("_slab_stats_kernel", 90), ("_slab_grad_kernel", 80), ("_top_p_sample_kernel", 75),
-            ("_top_p_sample_kernel", 90)} <= {(r["kernel"], r["cc"]) for r in results["each"]}
+            ("_top_p_sample_kernel", 90), ("_merge_partials_kernel", 75),
+            ("_merge_partials_kernel", 90)} <= {(r["kernel"], r["cc"]) for r in results["each"]}
     for r in results["each"]:
         assert "error" not in r, r
         assert r["shared"] <= SHARED_LIMIT[r["cc"]], r
-        assert r["shared"] > 0 or r["kernel"] == "_slab_grad_kernel", r    # dots and reductions stage in shared
+        # dots and reductions stage in shared memory; the elementwise kernels need none
+        assert r["shared"] > 0 or r["kernel"] in ("_slab_grad_kernel", "_merge_partials_kernel"), r
     for group in results["first_fit"]:
         assert "shared" in group[-1] and group[-1]["shared"] <= SHARED_LIMIT[group[-1]["cc"]], group
 

@@ -119,6 +119,32 @@ def test_partial_attention_kernel_matches_torch(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nrep", [3, 1])  # query heads per KV head: 3 (GQA, padded to 4 lanes), 1 (MHA)
+def test_merge_partials_kernel_matches_torch(nrep, device):
+    """The two attention parts merged by the kernel equal the torch path: rows at their (G, R) slots,
+    holes in the grid, and prefix parts with no columns (lse -inf, weight 0)."""
+    import triton  # noqa: F401
+    torch.manual_seed(1)
+    G, R, Hkv, D = 3, 4, 2, 24
+    counts = [4, 1, 2]  # rows per nest: slots (1, 1..3) and (2, 2..3) are holes
+    pad_idx = torch.tensor([g * R + r for g, n in enumerate(counts) for r in range(n)]).to(device)  # (B,)
+    B = len(pad_idx)
+    o1, l1 = torch.randn(G, Hkv, R * nrep, D).to(device), torch.randn(G, Hkv, R * nrep).to(device) * 3
+    o2, l2 = torch.randn(B, Hkv, nrep, D).to(device), torch.randn(B, Hkv, nrep).to(device) * 3
+    l1[0, :, :nrep] = float("-inf")  # row 0 attends to no prefix column (its o1 is 0, as the kernels write)
+    o1[0, :, :nrep] = 0.0
+    for dtype in (torch.float32, torch.bfloat16):
+        want = ks._merge_partials_torch(o1, l1, o2, l2, pad_idx, R, dtype)
+        got = ks._merge_partials_triton(o1, l1, o2, l2, pad_idx, R, dtype)
+        assert got.dtype == dtype and got.shape == (B, Hkv, nrep, D)
+        # bf16: a tolerance, as the interpreter does not round fp32 -> bf16 to nearest
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-6 if dtype == torch.float32 else 8e-3,
+                                   atol=1e-6 if dtype == torch.float32 else 1e-2)
+        if dtype == torch.float32:
+            assert torch.equal(got[0], o2[0])  # no prefix column: the row's own part, exactly
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_eos_ends_rows_exactly_with_compaction(device):
     """Rows of different prefixes hit EOS at different steps, so finished rows get compacted out while
     several groups are still running; every row equals HF greedy generate with the same EOS, EOS included."""
@@ -367,6 +393,9 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     assert list(spent)[0] == "matmul" and spent["matmul"] > 0 and prof[5].strip().startswith("top ")
     assert abs(sum(spent.values()) - float(prof[0].split("time ")[1].split()[0])) < 0.02  # the parts add up
     assert "prefill tokens: ours" in out and "failed" not in out and "sampling 50 rows" in out
+    bench_sampler.attention_cost(3, 2, tiny[1], 4, torch.float32, "cpu", reps=1)  # the table runs it on a GPU
+    line = capsys.readouterr().out
+    assert "attention at step 2 of 4, 6 rows x 1 layers" in line and "merge kernel" in line
 
 
 def test_out_of_memory_retries_at_half_the_batch_after_releasing_it(monkeypatch):
