@@ -11,9 +11,10 @@
 #   sampler   python benchmarks/bench_sampler.py --gpu  (issue #5's table and goals)
 #
 # Output goes to the terminal and to $OUT (the device tool's folder) or runs/gpu_checks. Time limits per
-# step: logprobs 130 s, sampler 260 s, tests 170 s, so that all three fit one 10-minute device call
-# (`bash benchmarks/gpu_checks.sh logprobs sampler tests`; on an H200 the full test step took 144 s, and
-# a whole call 356 s with the 7B sampler row failing early). Overrides: TESTS_K (pytest -k, default cuda),
+# step: logprobs 130 s, sampler 330 s, tests 170 s. On an H200 all three fitted one 10-minute device call
+# (356 s, the 7B sampler rows failing early; the full test step took 144 s). On an H100 the sampler step
+# alone took about 345 s with --sort-row --profile (both configs, the generate baselines included), so
+# there run `sampler` in one call and `logprobs tests` in another. Overrides: TESTS_K (pytest -k, default cuda),
 # SAMPLER_ARGS (e.g. "--configs DeepSeekMath-7B", or "--sort-row --profile": ours with the sort draw too,
 # and a per-category profile of 16 decode steps), TESTS_LIMIT / LOGPROBS_LIMIT / SAMPLER_LIMIT (seconds).
 # Needs torch, triton, transformers, peft, tokenizers, pytest.
@@ -64,7 +65,7 @@ for step in $steps; do
         tests)    run gpu_tests "${TESTS_LIMIT:-170}" "$py" -m pytest -v -p no:cacheprovider -k "${TESTS_K:-cuda}" -rfE --durations=8 \
                       tests/test_kernels_logprobs.py tests/test_sampler.py tests/test_train.py ;;
         logprobs) run bench_logprobs "${LOGPROBS_LIMIT:-130}" "$py" benchmarks/bench_logprobs.py ;;
-        sampler)  run bench_sampler "${SAMPLER_LIMIT:-260}" "$py" benchmarks/bench_sampler.py --gpu ${SAMPLER_ARGS:-} ;;
+        sampler)  run bench_sampler "${SAMPLER_LIMIT:-330}" "$py" benchmarks/bench_sampler.py --gpu ${SAMPLER_ARGS:-} ;;
         *)        echo "unknown step $step (tests, logprobs, sampler)"; status=2 ;;
     esac
 done

@@ -379,7 +379,7 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     from benchmarks import bench_sampler
     tiny = ("tiny", dict(layers=1, d=64, heads=4, kv_heads=2, vocab=64, inter=128, max_pos=128), 1, 2, 2)
     args = types.SimpleNamespace(new_tokens=3, compile_baseline=False, no_generate=False, greedy_row=True,
-                                 sort_row=True, profile=True)
+                                 sort_row=True, profile=True, repeats=2)
     with torch.no_grad():
         bench_sampler.gpu_rows(args, device="cpu", configs=[tiny], shape=(8, 16, 4), K=2, dtype=torch.float32)
     out = capsys.readouterr().out
@@ -393,6 +393,7 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     assert list(spent)[0] == "matmul" and spent["matmul"] > 0 and prof[5].strip().startswith("top ")
     assert abs(sum(spent.values()) - float(prof[0].split("time ")[1].split()[0])) < 0.02  # the parts add up
     assert "prefill tokens: ours" in out and "failed" not in out and "sampling 50 rows" in out
+    assert len(out.split("ours, 2 runs (the row above is the median), new tok/s: ")[1].split("\n")[0].split(", ")) == 2
     bench_sampler.attention_cost(3, 2, tiny[1], 4, torch.float32, "cpu", reps=1)  # the table runs it on a GPU
     line = capsys.readouterr().out
     assert "attention at step 2 of 4, 6 rows x 1 layers" in line and "merge kernel" in line
