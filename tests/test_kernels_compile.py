@@ -106,14 +106,12 @@ def compile_jobs():
                              dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", **attn_types),
                              dict(tile, **kernels._attention_dtype_options(q)), dict(num_warps=4, num_stages=3)))
         # the sampler's merge of the two attention parts, into the model's dtype: GQA (RhoMath: 8 query heads
-        # per KV head, head dim 64) and MHA (DeepSeekMath: 1, 128)
-        for nrep, head_dim in ((8, 64), (1, 128)):
-            for dtype in ("fp16" if cc == 75 else "bf16", "fp32"):
-                each.append(("_merge_partials_kernel", cc,
-                             dict(O1="*fp32", L1="*fp32", O2="*fp32", L2="*fp32", PAD="*i64", OUT=f"*{dtype}",
-                                  R="i32", Hkv="i32", NREP="i32", D="i32"),
-                             dict(BLOCK_J=nrep, BLOCK_D=head_dim),
-                             dict(num_warps=max(1, min(4, nrep * head_dim // 256)))))
+        # per KV head, head dim 64) in 16 bits, MHA (DeepSeekMath: 1, 128) in fp32
+        for nrep, head_dim, dtype in ((8, 64, "fp16" if cc == 75 else "bf16"), (1, 128, "fp32")):
+            each.append(("_merge_partials_kernel", cc,
+                         dict(O1="*fp32", L1="*fp32", O2="*fp32", L2="*fp32", PAD="*i64", OUT=f"*{dtype}",
+                              R="i32", Hkv="i32", NREP="i32", D="i32"),
+                         dict(BLOCK_J=nrep, BLOCK_D=head_dim), dict(num_warps=max(1, min(4, nrep * head_dim // 256)))))
         # the sampler's top-p draw: bf16 logits (vineppo.py on a GPU), fp16 (a T4 has no bf16), fp32 (any
         # card); the nucleus variant for each dtype once (each takes ~3 s to compile), the other everywhere
         sample_tile = dict(kernels._sample_tile(compiled=True))
