@@ -1236,14 +1236,15 @@ if HAS_TRITON:
 _KEY_PASSES = {torch.bfloat16: 4, torch.float16: 5, torch.float32: 8}  # significant bits / 4
 
 
-def _top_p_sample_triton(logits, temperature, top_p, u):
-    """The kernel's launcher: logits (B, V) bf16 / fp16 / fp32 with unit stride on V, u (B,) fp32."""
+def _top_p_sample_triton(logits, temperature, top_p, u, tile=None):
+    """The kernel's launcher: logits (B, V) bf16 / fp16 / fp32 with unit stride on V, u (B,) fp32.
+    tile: dict(BLOCK=, num_warps=) to override _sample_tile (bench_sampler times the alternatives)."""
     assert logits.dim() == 2 and logits.stride(1) == 1 and logits.dtype in _KEY_PASSES, (logits.shape, logits.dtype)
     B, V = logits.shape
     out = torch.empty(B, dtype=torch.long, device=logits.device)
     _top_p_sample_kernel[(B,)](logits, u.float().contiguous(), out, logits.stride(0), V, 1.0 / temperature,
                                float(top_p), TOP_P=top_p < 1.0, KEY_PASSES=_KEY_PASSES[logits.dtype],
-                               **_sample_tile(_compiled(logits)))
+                               **(tile or _sample_tile(_compiled(logits))))
     return out
 
 

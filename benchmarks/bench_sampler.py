@@ -226,6 +226,8 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
         sampling_cost(len(states) * K, cfg["vocab"], device)
         if device == "cuda":
             attention_cost(len(states), K, cfg, T, dtype, device)
+            if ks.SAMPLER_TOP_P_KERNEL:
+                top_p_tiles(len(states) * K, cfg["vocab"], device)
 
 
 def sampling_cost(rows, vocab, device):
@@ -253,6 +255,26 @@ def sampling_cost(rows, vocab, device):
                 for p in (0.9, 1.0)]
         print(f"{'':<16}kernel draws the torch path's token (same uniforms) on {same[0]} of {rows} rows at top_p=0.9, "
               f"{same[1]} of {rows} at top_p=1 (they may differ only where float rounding moves an interval edge)")
+
+
+def top_p_tiles(rows, vocab, device, batches=3, tiles=((512, 8), (1024, 16), (256, 4)), reps=10):
+    """The top-p kernel (T=0.6, top_p=0.9, bf16) with other tiles than _sample_tile's, at `rows` rows and at
+    the rows of one of `batches` batches (the 7B workload runs 3 on an 80 GB card): one program per row, so
+    fewer rows than the card holds programs leave it part idle, and a wider tile shortens each program."""
+    out = []
+    for n in (rows, max(1, rows // batches)):
+        logits = torch.randn(n, vocab, device=device, dtype=torch.bfloat16) * 3
+        u = 1.0 - torch.rand(n, device=device)
+        for block, warps in tiles:
+            tile = dict(BLOCK=block, num_warps=warps)
+            ks._top_p_sample_triton(logits, 0.6, 0.9, u, tile=tile)  # compile
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                ks._top_p_sample_triton(logits, 0.6, 0.9, u, tile=tile)
+            sync()
+            out.append(f"{n} rows {block}x{warps} {(time.perf_counter() - t0) / reps * 1e3:.2f}")
+    print(f"{'':<16}top-p kernel by tile (BLOCK x warps), V {vocab}, ms per draw: " + ", ".join(out))
 
 
 def attention_cost(n_states, K, cfg, T, dtype, device, reps=20):

@@ -397,6 +397,8 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     bench_sampler.attention_cost(3, 2, tiny[1], 4, torch.float32, "cpu", reps=1)  # the table runs it on a GPU
     line = capsys.readouterr().out
     assert "attention at step 2 of 4, 6 rows x 1 layers" in line and "merge kernel" in line
+    bench_sampler.top_p_tiles(2, 40, "cpu", batches=2, tiles=((32, 1),), reps=1)  # interpreted here
+    assert "V 40, ms per draw: 2 rows 32x1 " in capsys.readouterr().out
 
 
 def test_out_of_memory_retries_at_half_the_batch_after_releasing_it(monkeypatch):
