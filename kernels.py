@@ -873,6 +873,7 @@ if HAS_TRITON:
         # One program: the nrep query heads of one (row b, KV head h). The torch path above makes ~10
         # passes over (B, Hq, D) fp32 tensors per layer (a gather, products, a sum, a division, a cast);
         # this reads o1 (through the slot) and o2 once and writes the output once, in the model's dtype.
+        # On an H100 at the 1.1B decode shape (2052 rows, 22 layers): 6.1 ms per step down to 0.70 ms.
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         slot = tl.load(PAD + b)
@@ -1251,8 +1252,9 @@ def _top_p_sample_triton(logits, temperature, top_p, u, tile=None):
 def _sample_tile(compiled):
     """A row is read in BLOCK-wide pieces into [16, BLOCK] histogram accumulators, 2 tokens x 16 bins per
     thread at 8 warps: ptxas (sm_90) gives 58 registers and no spills, so 4 programs (rows) fit an SM.
-    Chosen from the compiler's report, not timed. The interpreter's blocks are small: it pays per
-    operation, and its test rows are short."""
+    Chosen from the compiler's report; the draw with it was timed on an H100 (1.91 ms at 2052 x 32000),
+    other tiles not yet (bench_sampler.top_p_tiles times them). The interpreter's blocks are small: it
+    pays per operation, and its test rows are short."""
     return dict(BLOCK=512, num_warps=8) if compiled else dict(BLOCK=128, num_warps=4)
 
 
