@@ -85,6 +85,17 @@ def run_generate(model, states, K, T, batch_states, static=False, compile=False,
     return dict(seconds=time.perf_counter() - t0, cpu=time.process_time() - c0, new=n_new, prefill=prefill)
 
 
+def ms_per_call(fn, reps=10):
+    """Milliseconds per call of fn() on the device: one warm-up call (compiles), then reps timed calls."""
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -172,19 +183,12 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         kv_tok = 2 * cfg["layers"] * cfg["kv_heads"] * (cfg["d"] // cfg["heads"]) * torch.finfo(dtype).bits // 8
         states = workload(ours_prompts, 8, *shape, cfg["vocab"])
-        try:
-            run_ours(model, states[:9], K, 8)  # warm-up: Triton compile, CUDA graph path
-        except Exception as e:  # noqa: BLE001  (a broken top-p kernel must not cost the run's other rows)
-            if not ks.SAMPLER_TOP_P_KERNEL:
-                raise
-            print(f"{label:<16}ours with the top-p kernel failed, timing the sort draw instead: {e!r}"[:300])
-            ks.SAMPLER_TOP_P_KERNEL = args.sort_row = False
-            run_ours(model, states[:9], K, 8)
+        run_ours(model, states[:9], K, 8)  # warm-up: Triton compile, CUDA graph path
         repeats = [run_ours(model, states, K, T) for _ in range(max(1, args.repeats))]
         ours = sorted(repeats, key=lambda r: r["seconds"])[(len(repeats) - 1) // 2]  # the median run (lower)
         st = ours["stats"]
         roof_s = (st["steps"] * weight_bytes + st["kv_read_tokens"] * kv_tok) / (bw * 1e9)
-        rows = [("ours" if ks.SAMPLER_TOP_P_KERNEL else "ours, sort top-p", ours, len(states))]
+        rows = [("ours", ours, len(states))]
         if args.sort_row:  # the same work with the torch top-p draw (a sort) in place of the Triton kernel
             ks.SAMPLER_TOP_P_KERNEL = False
             try:
@@ -226,8 +230,7 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
         sampling_cost(len(states) * K, cfg["vocab"], device)
         if device == "cuda":
             attention_cost(len(states), K, cfg, T, dtype, device)
-            if ks.SAMPLER_TOP_P_KERNEL:
-                top_p_tiles(len(states) * K, cfg["vocab"], device)
+            top_p_tiles(len(states) * K, cfg["vocab"], device)
 
 
 def sampling_cost(rows, vocab, device):
@@ -237,19 +240,12 @@ def sampling_cost(rows, vocab, device):
     logits = torch.randn(rows, vocab, device=device, dtype=torch.bfloat16) * 3
     cases = [("greedy", 0.0, 1.0, False), ("T=0.6 torch", 0.6, 1.0, False),
              ("T=0.6 top_p=0.9 torch (sort)", 0.6, 0.9, False)]
-    if device == "cuda" and ks.SAMPLER_TOP_P_KERNEL:
+    if device == "cuda":
         cases += [("T=0.6 kernel", 0.6, 1.0, True), ("T=0.6 top_p=0.9 kernel", 0.6, 0.9, True)]
-    times = []
-    for name, temperature, top_p, use_kernel in cases:
-        ks._sample_next(logits, temperature, top_p, use_kernel)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            ks._sample_next(logits, temperature, top_p, use_kernel)
-        sync()
-        times.append(f"{name} {(time.perf_counter() - t0) / 10 * 1e3:.2f}")
+    times = [f"{name} {ms_per_call(lambda: ks._sample_next(logits, temperature, top_p, use_kernel)):.2f}"
+             for name, temperature, top_p, use_kernel in cases]
     print(f"{'':<16}sampling {rows} rows x V {vocab}, ms per step: " + ", ".join(times))
-    if device == "cuda" and ks.SAMPLER_TOP_P_KERNEL:  # the kernel at full size against the torch path, same u
+    if device == "cuda":  # the kernel at full size against the torch path, same u
         u = 1.0 - torch.rand(rows, device=device)
         same = [int((ks._top_p_sample_triton(logits, 0.6, p, u) == ks._sample_next_torch(logits, 0.6, p, u)).sum())
                 for p in (0.9, 1.0)]
@@ -267,13 +263,8 @@ def top_p_tiles(rows, vocab, device, batches=3, tiles=((512, 8), (1024, 16), (25
         u = 1.0 - torch.rand(n, device=device)
         for block, warps in tiles:
             tile = dict(BLOCK=block, num_warps=warps)
-            ks._top_p_sample_triton(logits, 0.6, 0.9, u, tile=tile)  # compile
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                ks._top_p_sample_triton(logits, 0.6, 0.9, u, tile=tile)
-            sync()
-            out.append(f"{n} rows {block}x{warps} {(time.perf_counter() - t0) / reps * 1e3:.2f}")
+            ms = ms_per_call(lambda: ks._top_p_sample_triton(logits, 0.6, 0.9, u, tile=tile), reps)
+            out.append(f"{n} rows {block}x{warps} {ms:.2f}")
     print(f"{'':<16}top-p kernel by tile (BLOCK x warps), V {vocab}, ms per draw: " + ", ".join(out))
 
 
@@ -293,15 +284,7 @@ def attention_cost(n_states, K, cfg, T, dtype, device, reps=20):
     cases = {"suffix attention": lambda: ks._partial_attention_triton(q, sk, sv, lens, D ** -0.5, B * Hkv),
              "merge torch": lambda: ks._merge_partials_torch(*parts, pad_idx, K, dtype),
              "merge kernel": lambda: ks._merge_partials_triton(*parts, pad_idx, K, dtype)}
-    times = {}
-    for name, fn in cases.items():
-        fn()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        sync()
-        times[name] = (time.perf_counter() - t0) / reps * 1e3 * cfg["layers"]
+    times = {name: ms_per_call(fn, reps) * cfg["layers"] for name, fn in cases.items()}
     gbs = 2 * B * Hkv * t * D * sk.element_size() * cfg["layers"] / (times["suffix attention"] / 1e3) / 1e9
     print(f"{'':<16}attention at step {t} of {T}, {B} rows x {cfg['layers']} layers, ms per step: "
           + ", ".join(f"{k} {v:.2f}" for k, v in times.items()) + f" (suffix KV read at {gbs:.0f} GB/s)")
