@@ -1272,29 +1272,43 @@ def _sample_next(logits, temperature, top_p, use_kernel=False):
 class _StopChecker:
     """Stop strings, checked on the decoded tail of each live row. A stop string completed by token e lies
     within the last len(stop) + 4 tokens up to e whenever each token decodes to >= 1 character, so only
-    tails are decoded (one batch_decode per check), never whole continuations."""
+    tails are decoded (one batch_decode per check), never whole continuations. A stop string may begin in
+    the prefix: VinePPO resets to states that end mid-way through one (a GSM8K state ending in "\n\n\n",
+    continued with "Problem:"), so a row's first tokens are checked behind the last tokens of its prefix.
+    Only a stop string that ends in the new tokens counts; one wholly inside the prefix does not."""
 
     def __init__(self, stop):
         self.tok, self.strs = stop
         self.window = max(len(s) for s in self.strs) + 4
 
-    def _hit(self, text):
-        return any(s in text for s in self.strs)
+    def context(self, prefix):
+        """A row's prefix context: its last window tokens."""
+        return list(prefix[-self.window:])
+
+    def _hit(self, pre, new):
+        """Does decode(pre + new) hold a stop string that ends past decode(pre)?"""
+        start = len(self.tok.decode(pre)) if pre else 0
+        text = self.tok.decode(pre + new)
+        return any(text.find(s, max(0, start - len(s) + 1)) >= 0 for s in self.strs)
 
     def tail_start(self, checked):
         """First token to decode when tokens [0, checked) are known clean: a stop string completed by a
         later token starts at most window - 1 tokens before it."""
         return max(0, checked + 1 - self.window)
 
-    def cut_lengths(self, tails, lo, checked):
-        """tails: each live row's tokens [lo, now), lo = tail_start(checked). Returns, per row, the length
-        to cut the row to (the token completing a stop string is kept) or None."""
+    def cut_lengths(self, tails, lo, checked, contexts):
+        """tails: each row's tokens [lo, now), lo = tail_start(checked); contexts: each row's context().
+        Returns, per row, the length to cut the row to (the token completing a stop string is kept) or None."""
+        ctxs = [c if lo == 0 else [] for c in contexts]  # lo > 0: the window up to any new token is all new tokens
         out = []
-        for toks, text in zip(tails, self.tok.batch_decode(tails)):
+        for toks, ctx, text in zip(tails, ctxs, self.tok.batch_decode([c + t for c, t in zip(ctxs, tails)])):
             cut = None
-            if self._hit(text):  # rare: find the exact completing token e (absolute index + 1)
+            if any(s in text for s in self.strs) and self._hit(ctx, toks):
+                # rare: find the exact completing token e (absolute index + 1); while e < window, the window
+                # up to e reaches back into the prefix
                 cut = next((e for e in range(checked + 1, lo + len(toks) + 1)
-                            if self._hit(self.tok.decode(toks[max(0, e - self.window - lo):e - lo]))), None)
+                            if self._hit(ctx[len(ctx) - max(0, self.window - e):],
+                                         toks[max(0, e - self.window - lo):e - lo])), None)
             out.append(cut)
         return out
 
@@ -1343,6 +1357,7 @@ def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend,
     dev = next(model.parameters()).device
     pk, pv = _prefill(model, [L for L, _ in units], prefill_tokens)
     rows = [(g, s, n, L[n - 1]) for g, (L, members) in enumerate(units) for s, n in members]  # sorted by nest
+    contexts = [stopper.context(units[g][0][:n]) for g, _, n, _ in rows] if stopper is not None else None
     grp, slot, plen, first = (torch.tensor(col, device=dev) for col in zip(*rows))  # (B,) each
     plen = plen - 1  # the state's last token is fed at step 0, so the cached prefix is one shorter
     B = len(rows)
@@ -1392,7 +1407,8 @@ def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend,
                 # Every row that produced tokens since the last check: live rows and rows that hit EOS
                 # since then (a stop string may have completed before that EOS).
                 rows, lo = (length > checked).nonzero().squeeze(1), stopper.tail_start(checked)
-                cuts = stopper.cut_lengths(out[rows, lo:t + 1].tolist(), lo, checked) if len(rows) else []
+                cuts = stopper.cut_lengths(out[rows, lo:t + 1].tolist(), lo, checked,
+                                           [contexts[b] for b in rows.tolist()]) if len(rows) else []
                 hit = [(b, c) for b, c, n in zip(rows.tolist(), cuts, length[rows].tolist())
                        if c is not None and c <= n]  # a cut past an EOS seen since is not a stop
                 if hit:
@@ -1411,6 +1427,8 @@ def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend,
                 cache.select(keep)
                 slot, alive, fin, length, out = slot[keep], alive[keep], fin[keep], length[keep], out[keep]
                 budget = budget[keep]
+                if contexts is not None:
+                    contexts = [contexts[b] for b in keep.tolist()]
                 ids, pos, B = ids[keep], pos[keep], len(keep)
                 stepper.reset()
         harvest(torch.ones_like(alive))
@@ -1477,11 +1495,14 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
     eos = torch.tensor(sorted(set(eos_token_ids)), device=dev) if len(eos_token_ids) else None
     stopper = _StopChecker(stop) if stop is not None and len(stop[1]) else None
 
-    # Plan: every (prefix i, sample j) row joins the nest of its prefix's leader.
+    # Plan: every (prefix i, sample j) row joins the nest of its prefix's leader; a prefix with no budget
+    # left gets k empty, unfinished rows without a decode step (a step would draw one token past its budget).
+    results = [([], False) if b <= 0 else None for b in row_budgets]
     leader = _nest_leaders(prefixes)
     nests = {}
     for i, p in enumerate(prefixes):
-        nests.setdefault(leader[tuple(p)], []).extend((i * k + j, len(p)) for j in range(k))
+        if budgets[i] > 0:
+            nests.setdefault(leader[tuple(p)], []).extend((i * k + j, len(p)) for j in range(k))
     units = sorted(nests.items(), key=lambda u: -len(u[0]))  # longest first: similar P in a batch
 
     # Budget: cached tokens per batch (prefix once per nest + T per row + logits/sort scratch per row).
@@ -1514,11 +1535,10 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
         # Prefill chunks: bounded in tokens (activations) and in bytes (its DynamicCache is a transient copy).
         prefill_tokens = min(32768 if dev.type == "cuda" else 8192, max(2048, 2 ** 31 // bytes_tok))
 
-        results = [None] * (n * k)
         bar = None
         if show_progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=n * k, desc=desc)
+            bar = tqdm(total=n * k, initial=sum(r is not None for r in results), desc=desc)
 
         def run(batch):  # retry at half the batch on out-of-memory
             try:

@@ -265,9 +265,10 @@ def extract_answer(response: str, task: str) -> Optional[str]:
 
 def _as_number(s: str) -> Optional[Decimal]:
     try:
-        return Decimal(s.replace(",", "").replace("$", "").replace(" ", "").rstrip("."))
+        d = Decimal(s.replace(",", "").replace("$", "").replace(" ", "").rstrip("."))
     except InvalidOperation:
         return None
+    return d if d.is_finite() else None   # "NaN" / "Infinity" are not answers ("sNaN" would raise on ==)
 
 
 def grade(response: str, gold: str, task: str) -> bool:
@@ -288,6 +289,20 @@ def grade(response: str, gold: str, task: str) -> bool:
     if not gold_parsed:
         return False
     return bool(verify(gold_parsed, parse(f"${pred}$")))
+
+
+def answer_key(answer: str, task: str) -> str:
+    """A final answer's class for majority voting: answers that grade() counts as equal share a key
+    (gsm8k: the number, so "72.0" and "72" vote together; math: math-verify's parsed expression, so
+    "\\frac12", "1/2" and "0.5" do; arith: the string)."""
+    if task == "gsm8k":
+        d = _as_number(answer)
+        return str(d.normalize()) if d is not None else answer.replace(",", "")
+    if task == "math":
+        from math_verify import parse
+        parsed = parse(f"${answer}$")
+        return str(parsed[0]) if parsed else answer
+    return answer
 
 
 # ============================================================================ 3. Reasoning steps
@@ -503,8 +518,21 @@ def load_policy(path: str, device: torch.device, args: Args):
     if args.gradient_checkpointing:   # transformers 5.2x renamed it; the old name warns, older versions lack the new
         (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
     policy.config.use_cache = False
+    without_dropout(policy)
     assert policy.get_output_embeddings().bias is None, "fused log-probs assume an lm_head without bias"
     return policy, tokenizer
+
+
+def without_dropout(model):
+    """Dropout off, as TRL does: PPO's old log-probs come from an eval-mode forward and the update's from a
+    train-mode one (gradient checkpointing needs train mode), so with dropout the ratio would not start at 1.
+    The paper's models (Llama architecture) have none; GPT-2 configs default to 0.1."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):   # Llama-style attention reads a float
+            m.attention_dropout = 0.0
+    return model
 
 
 def load_reference(path: str, device: torch.device):
@@ -711,7 +739,7 @@ def make_critic(path: str, device: torch.device):
     backbone = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).base_model
     head = torch.nn.Linear(backbone.config.hidden_size, 1)
     torch.nn.init.zeros_(head.weight); torch.nn.init.zeros_(head.bias)
-    return torch.nn.ModuleDict({"backbone": backbone, "head": head}).to(device)
+    return without_dropout(torch.nn.ModuleDict({"backbone": backbone, "head": head}).to(device))
 
 
 def critic_values(critic, episodes: list, pad_id: int) -> torch.Tensor:
@@ -850,10 +878,10 @@ def evaluate(model, tokenizer, problems: list, args: Args, task: str) -> dict:
         correct = [grade(t, p["answer"], task) for t in texts]
         acc.append(sum(correct) / len(conts))
         pass_n.append(any(correct))
-        answers = [extract_answer(t, task) for t in texts]
-        votes = Counter(a for a in answers if a)
-        majority = votes.most_common(1)[0][0] if votes else None   # graded like any sample that gave it
-        maj_n.append(majority is not None and correct[answers.index(majority)])
+        keys = [answer_key(a, task) if a else None for a in (extract_answer(t, task) for t in texts)]
+        votes = Counter(k for k in keys if k is not None)
+        majority = votes.most_common(1)[0][0] if votes else None   # graded like any sample of its class
+        maj_n.append(majority is not None and correct[keys.index(majority)])
     mean = lambda xs: float(sum(xs) / max(1, len(xs)))
     n = args.eval_samples
     out = {"eval/accuracy": mean(acc), f"eval/pass@{n}": mean(pass_n), f"eval/maj@{n}": mean(maj_n),

@@ -212,6 +212,34 @@ def test_stop_string_then_eos_between_host_checks(monkeypatch):
     assert toks == [[ref[:i + 1]] * 2] and fin == [[True, True]]
 
 
+@pytest.mark.parametrize("sync_every", [None, 5])
+def test_stop_string_that_begins_in_the_prefix(sync_every, monkeypatch):
+    """A VinePPO state may end part-way through a stop string (GSM8K: a state ending in "\n\n\n" whose
+    continuation writes "Problem:"): the row stops at the token that completes it. A stop string wholly
+    inside the prefix stops nothing. Oracle: the first e at which decode(prefix + new[:e]) holds a stop
+    string ending past the prefix's text."""
+    monkeypatch.setattr(ks, "SAMPLER_SYNC_EVERY", sync_every)
+    tok, model = _char_tokenizer(), _llama(4)
+    # shorter and longer than the checker's window; the third holds a stop string that its continuation never completes
+    prefixes = [[5, 6, 7], [1 + (7 * i) % 20 for i in range(15)], [2, 4, 6, 8, 10, 12, 14, 16, 18]]
+    n = 12
+    refs = [_hf_greedy(model, p, n) for p in prefixes]
+    texts = [tok.decode(p) for p in prefixes]
+    stops = [texts[0][-2:] + tok.decode(refs[0][:2]),   # 2 prefix characters + the first 2 new tokens
+             texts[1][-3:] + tok.decode(refs[1][:1]),   # 3 prefix characters + the first new token
+             texts[2][:4]]                              # inside the third prefix
+
+    def first_stop(prefix, new):
+        start = len(tok.decode(prefix))
+        return next((e for e in range(1, len(new) + 1) if any(
+            tok.decode(prefix + new[:e]).find(s, max(0, start - len(s) + 1)) >= 0 for s in stops)), None)
+
+    assert [first_stop(p, r) for p, r in zip(prefixes, refs)] == [2, 1, None]
+    toks, fin = ks.sample_continuations(model, prefixes, k=2, max_new_tokens=n, temperature=0, stop=(tok, stops))
+    assert toks == [[refs[0][:2]] * 2, [refs[1][:1]] * 2, [refs[2]] * 2]
+    assert fin == [[True, True], [True, True], [False, False]]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sync_every", [None, 4])
 def test_sampled_rows_respect_stop_eos_and_max_new(sync_every, monkeypatch, device):
@@ -347,6 +375,11 @@ def test_sampled_continuations_equal_on_the_triton_and_torch_backends(monkeypatc
 def test_edge_cases_and_length_assert():
     model = _llama(8)
     assert ks.sample_continuations(model, [[1, 2]], k=2, max_new_tokens=0) == ([[[], []]], [[False, False]])
+    # a prefix with no budget left draws nothing, even where every token would be an EOS
+    toks, fin = ks.sample_continuations(model, [[1, 2], [3, 4], [1, 2, 5]], k=2, max_new_tokens=[0, 1, 0],
+                                        temperature=1.0, eos_token_ids=list(range(V)))
+    assert toks[0] == toks[2] == [[], []] and fin[0] == fin[2] == [False, False]
+    assert [len(r) for r in toks[1]] == [1, 1] and fin[1] == [True, True]
     assert ks.sample_continuations(model, [], k=2, max_new_tokens=4) == ([], [])
     with pytest.raises(AssertionError, match="positions"):
         ks.sample_continuations(model, [[1] * 100], k=1, max_new_tokens=29)

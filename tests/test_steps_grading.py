@@ -150,6 +150,9 @@ def test_token_step_map_char_tokenizer_every_token_in_its_step():
     ("#### 18\n\n\nProblem: next one #### 5", "18", "gsm8k", True),  # stop string cut before grading
     ("#### 17", "18", "gsm8k", False),
     ("#### ", "18", "gsm8k", False),
+    ("#### sNaN", "18", "gsm8k", False),                            # parses as a Decimal, raises on ==
+    ("#### NaN", "NaN", "gsm8k", True),                             # not a number: compared as strings
+    ("#### Infinity", "18", "gsm8k", False),
     ("the answer is $\\boxed{0.5}$", "\\frac{1}{2}", "math", True),  # decimal vs fraction
     ("$\\boxed{\\frac12}$", "\\frac{1}{2}", "math", True),
     ("$\\boxed{\\dfrac{1}{2}}$", "0.5", "math", True),
@@ -162,6 +165,34 @@ def test_token_step_map_char_tokenizer_every_token_in_its_step():
 ])
 def test_grade(response, gold, task, expected):
     assert vp.grade(response, gold, task) is expected
+
+
+@pytest.mark.parametrize("task,gold,answers,expected", [
+    # three ways of writing the right answer against two votes for a wrong one: by strings the wrong one wins
+    ("gsm8k", "72", ["72", "5", "72.0", "5", "72.00"], dict(acc=3 / 6, maj=True, greedy=True)),
+    ("math", "\\frac{1}{2}", ["\\frac12", "2", "0.5", "2", "\\dfrac{1}{2}"], dict(acc=3 / 6, maj=True, greedy=True)),
+    ("gsm8k", "72", ["5", "72", "5", "72.0"], dict(acc=2 / 5, maj=False, greedy=False)),   # a tie: the class seen first wins
+])
+def test_evaluate_majority_votes_by_equivalence(task, gold, answers, expected, monkeypatch):
+    """maj@N groups answers that grade() counts as equal; an unfinished sample (the sixth, right) never
+    votes and counts as wrong; greedy accuracy and pass@N beside it."""
+    box = (lambda a: f"so $\\boxed{{{a}}}$") if task == "math" else (lambda a: f"#### {a}")
+    texts = [box(a) for a in answers] + [box(gold)]
+
+    def fake_generate(model, tokenizer, prompts, k, max_new_tokens, temperature, top_p, desc):
+        if k == 1:   # greedy
+            return [[[0]] for _ in prompts], [[True] for _ in prompts]
+        return [list(map(list, zip(range(len(texts))))) for _ in prompts], [[True] * len(answers) + [False]]
+
+    monkeypatch.setattr(vp, "generate", fake_generate)
+    monkeypatch.setattr(vp, "decode", lambda tokenizer, ids: texts[ids[0]])
+    monkeypatch.setattr(vp, "encode_prompt", lambda tokenizer, problem, task: [1])
+    args = vp.parse_args(["--eval-samples", str(len(texts))])
+    out = vp.evaluate(None, None, [{"problem": "p", "answer": gold}], args, task)
+    assert out["eval/accuracy"] == pytest.approx(expected["acc"])
+    assert out[f"eval/maj@{len(texts)}"] == float(expected["maj"])
+    assert out[f"eval/pass@{len(texts)}"] == 1.0
+    assert out["eval/greedy_accuracy"] == float(expected["greedy"])   # greedy decodes to the first answer
 
 
 def test_last_boxed_nested_braces():

@@ -140,6 +140,29 @@ def test_real_model_path_math_jsonl(tmp_path, arch, advantage, lora, device):
     assert 0 < records[-1]["update/grad_norm"] < float("inf")
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_policy_and_critic_have_no_dropout(tmp_path, arch):
+    """PPO's ratio starts at 1 only if the update's train-mode forward equals the eval-mode forward that gave the
+    old log-probs: dropout is off in the policy and the critic (GPT-2 defaults to 0.1; Llama's attention here 0.5)."""
+    import torch
+    from transformers import AutoConfig
+    folder = save_random_model(tmp_path / arch, arch)
+    if arch == "llama":
+        config = AutoConfig.from_pretrained(folder)
+        config.attention_dropout = 0.5
+        config.save_pretrained(folder)
+    assert max(getattr(AutoConfig.from_pretrained(folder), a, 0.0) for a in ("resid_pdrop", "attention_dropout")) > 0
+    args = vp.parse_args(["--model", folder, "--task", "gsm8k"])
+    policy, _ = vp.load_policy(folder, torch.device("cpu"), args)
+    critic = vp.make_critic(folder, torch.device("cpu"))
+    ids = torch.arange(3, 40).unsqueeze(0)
+    policy.eval(); critic.eval()
+    logits, hidden = policy(ids).logits, critic["backbone"](ids).last_hidden_state
+    policy.train(); critic.train()
+    torch.manual_seed(0)
+    assert torch.equal(policy(ids).logits, logits) and torch.equal(critic["backbone"](ids).last_hidden_state, hidden)
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--k", "0"], "--k must be >= 1"),
     (["--task", "chess"], "unknown --task"),
