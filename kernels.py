@@ -30,6 +30,7 @@ vineppo.py uses it for the training samples, the MC rollouts and evaluation.
 import inspect
 import os
 import types
+import warnings
 
 import torch
 
@@ -312,7 +313,7 @@ def _triton_forward(hidden, weight, targets, temperature, num_splits=None, parti
     (N, D), V = hidden.shape, weight.shape[0]
     if num_splits is None:   # on a GPU, >= 2 programs per SM even at small N; a power of 2 bounds recompiles
         sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if _compiled(hidden) else 0
-        wanted = triton.cdiv(2 * sms, triton.cdiv(N, _ROWS_PER_PROGRAM_GUESS))
+        wanted = triton.cdiv(2 * sms, triton.cdiv(max(N, 1), _ROWS_PER_PROGRAM_GUESS))  # N = 0: empty micro-batch
         num_splits = min(1 << max(wanted - 1, 0).bit_length(), 16, triton.cdiv(V, 256))
     if partial is None:
         partial = torch.empty(4, num_splits, N, dtype=torch.float32, device=hidden.device)
@@ -409,6 +410,8 @@ def _logits_fp32(x, w):
                 _MM_FP32_OUT = True
             except (TypeError, RuntimeError, NotImplementedError):
                 _MM_FP32_OUT = False
+                warnings.warn("torch.mm(..., out_dtype=torch.float32) is unavailable (torch < 2.9): the chunked "
+                              "log-probs round the logits to bf16 before the softmax (~1e-3 error, as naive has)")
         if _MM_FP32_OUT:
             return torch.mm(x, w.T, out_dtype=torch.float32)
     return (x @ w.T).float()
@@ -1065,6 +1068,7 @@ def _prefill(model, leaders, prefill_tokens):
         cache = DynamicCache(config=model.config)
         base(input_ids=ids[lo:lo + rows], use_cache=True, **{kw: cache})
         kv = _layer_kv(cache)
+        assert all(k.shape[-2] == P for k, _ in kv), "a cache layer dropped prefix columns (sliding window?)"
         if pk is None:  # shapes known now: allocate the whole batch's prefix buffers
             pk = [torch.empty((len(leaders),) + k.shape[1:], dtype=kv_dtype, device=dev) for k, _ in kv]
             pv = [torch.empty((len(leaders),) + v.shape[1:], dtype=kv_dtype, device=dev) for _, v in kv]
@@ -1366,6 +1370,9 @@ def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend,
     cache = _CascadeCache(pk, pv, grp, plen, T, backend)
     ids = first.unsqueeze(1)  # (B, 1): each state's last token ...
     pos = plen.unsqueeze(1).clone()  # (B, 1): ... at its own position (no left padding anywhere)
+    # a row past its budget still steps until compaction: its position stops at its last one, which the model
+    # has (learned position tables have no entry beyond; its tokens are discarded anyway)
+    pos_max = (plen + budget - 1).unsqueeze(1)  # (B, 1)
     out = torch.zeros(B, T, dtype=torch.long, device=dev)  # (B, T) new tokens
     alive, fin = torch.ones(B, dtype=torch.bool, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
     length = budget.clone()  # rows still alive at their budget hit max_new_tokens: unfinished
@@ -1399,7 +1406,7 @@ def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend,
                 alive &= ~newly
             alive &= budget > t + 1  # a row at its own budget stops, unfinished (length = budget)
             ids.copy_(nxt.unsqueeze(1))
-            pos += 1
+            torch.minimum(pos + 1, pos_max, out=pos)  # in place: the CUDA graph reads pos's storage
             cache.advance()
             if (t + 1) % sync_every and t + 1 < T:
                 continue
@@ -1429,7 +1436,7 @@ def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend,
                 budget = budget[keep]
                 if contexts is not None:
                     contexts = [contexts[b] for b in keep.tolist()]
-                ids, pos, B = ids[keep], pos[keep], len(keep)
+                ids, pos, pos_max, B = ids[keep], pos[keep], pos_max[keep], len(keep)
                 stepper.reset()
         harvest(torch.ones_like(alive))
     finally:
@@ -1462,15 +1469,17 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
     of prefixes[i] (j < k); finished[i][j] is True when that row stopped on an EOS id (the EOS id is the
     last element of its list) or on a stop string, False when it hit max_new_tokens.
     temperature 0 = greedy. top_p nucleus sampling applied after dividing logits by temperature.
-    stop: None or (tokenizer, list_of_stop_strings): a row stops when its decoded continuation contains a stop
-    string; its token list is then cut after the token that completed the stop string (the text may thus run a
-    few characters past the stop string: the caller strips it).
+    stop: None or (tokenizer, list_of_stop_strings): a row stops when a stop string ends in its decoded continuation
+    (it may begin in the prefix: a state can end part-way through one); its token list is then cut after the token
+    that completed the stop string (the text may thus run a few characters past it: the caller strips it).
+    A prefix whose budget is 0 gets k empty, unfinished rows.
     Randomness comes from torch's global RNG (torch.manual_seed makes it reproducible on CPU; keep it
     deterministic: same inputs + same seed => same outputs).
     max_new_tokens: an int, or a list with one budget per prefix (VinePPO's continuation of a state may
     only use what the response cap leaves after the written steps).
     max_batch_tokens: KV budget of one batch in cached tokens (default: from free memory).
-    model: any transformers causal LM (eval mode, no grad inside). Works on CPU (no Triton, no CUDA graphs) and GPU."""
+    model: a transformers causal LM with full causal attention (Llama, Qwen2, Mistral within its sliding window,
+    GPT-2 ...; eval mode, no grad inside). Works on CPU (no Triton, no CUDA graphs) and GPU."""
     n = len(prefixes)
     if n == 0:
         return [], []
@@ -1483,6 +1492,11 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
     longest = max(range(n), key=lambda i: len(prefixes[i]) + budgets[i])
     assert limit is None or len(prefixes[longest]) + budgets[longest] <= limit, (
         f"prefix ({len(prefixes[longest])} tokens) + max_new_tokens ({budgets[longest]}) exceeds the model's {limit} positions")
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    assert not window or len(prefixes[longest]) + budgets[longest] <= window, (
+        f"prefix + max_new_tokens exceed the model's sliding window ({window}): the cascade attention is full attention")
+    assert not getattr(cfg, "attn_logit_softcapping", None), "attention logit soft-capping is not supported"
     row_budgets = [b for b in budgets for _ in range(k)]   # per (prefix, sample) row
     max_new_tokens = max(budgets)
     from transformers import AttentionInterface
@@ -1520,17 +1534,19 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
                 free = 2 ** 30
             max_batch_tokens = int(free // bytes_tok)
         per_row = max_new_tokens + -(-24 * vocab // bytes_tok)
-        cost = lambda L, rows: len(L) + len(rows) * per_row  # noqa: E731
+        # A nest costs its prefix buffer, padded to the batch's longest leader (its first: units come longest
+        # first), plus per_row for each of its rows.
+        cost = lambda P, rows: P + len(rows) * per_row  # noqa: E731
         batches, cur, used = [], [], 0
         for L, rows in units:
             step = max(1, (max_batch_tokens - len(L)) // per_row)  # a nest too big for one batch is split
             for lo in range(0, len(rows), step):
                 part = (L, rows[lo:lo + step])
-                if cur and used + cost(*part) > max_batch_tokens:
+                if cur and used + cost(len(cur[0][0]), part[1]) > max_batch_tokens:
                     batches.append(cur)
                     cur, used = [], 0
                 cur.append(part)
-                used += cost(*part)
+                used += cost(len(cur[0][0]), part[1])
         batches.append(cur)
         # Prefill chunks: bounded in tokens (activations) and in bytes (its DynamicCache is a transient copy).
         prefill_tokens = min(32768 if dev.type == "cuda" else 8192, max(2048, 2 ** 31 // bytes_tok))

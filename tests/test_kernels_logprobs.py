@@ -195,6 +195,16 @@ def test_chunked_path_writes_every_output_element(backend, device, small_chunks,
         assert_close(a.cpu(), e, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens(backend, device):
+    """An empty micro-batch (N = 0): empty log-probs and dX, and a zero dW, on every backend."""
+    hidden, weight, targets, g1, g2 = make_inputs(0, 16, 300, device=device)
+    logp, entropy, d_hidden, d_weight = logprobs_and_grads(ours(backend), hidden, weight, targets, g1, g2, 0.6)
+    assert logp.shape == entropy.shape == (0,) and d_hidden.shape == (0, 16)
+    assert torch.equal(d_weight, torch.zeros_like(weight))
+
+
 def test_auto_backend_is_triton_only_for_cuda_tensors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")        # the interpreter is opt-in (backend="chunked"): slow
     assert K.resolve_backend(torch.zeros(1)) == "torch"

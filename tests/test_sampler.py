@@ -372,6 +372,50 @@ def test_sampled_continuations_equal_on_the_triton_and_torch_backends(monkeypatc
     assert len({tuple(t) for rows in runs[0][0] for t in rows}) > 4, "draws should differ across rows"
 
 
+def test_rows_past_their_budget_stay_within_the_models_positions():
+    """Budgets differ within a batch (VinePPO: the cap minus the written steps), so a row past its own budget
+    keeps stepping until compaction; its position must stop at its last one. GPT-2 has 32 learned positions
+    here: the long prefix may add 4 tokens, the short ones 30 (one row of three finishes: no compaction)."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=None,
+                                       eos_token_id=None, pad_token_id=None, initializer_range=0.1)).eval()
+    prefixes, budgets = [[1] * 28, [2, 3], [4, 5]], [4, 30, 30]
+    toks, fin = ks.sample_continuations(model, prefixes, k=1, max_new_tokens=budgets, temperature=0)
+    assert [rows[0] for rows in toks] == [_hf_greedy(model, p, b) for p, b in zip(prefixes, budgets)]
+    assert fin == [[False]] * 3
+
+
+def test_batches_fit_the_budget_with_prefixes_padded_to_the_longest(monkeypatch):
+    """A batch's prefix buffer is (nests x longest leader): one long prefix among short ones must be charged
+    at its length for every nest of its batch, or the batch overruns max_batch_tokens."""
+    model = _llama()
+    bytes_tok, vocab = ks._probe(model)
+    per_row = 2 + -(-24 * vocab // bytes_tok)
+    seen, real_run = [], ks._run_batch
+    monkeypatch.setattr(ks, "_run_batch", lambda m, units, *a: (seen.append(units), real_run(m, units, *a))[1])
+    prefixes = [[1] * 40] + [[i + 2, i + 3] for i in range(10)]
+    toks, _ = ks.sample_continuations(model, prefixes, k=1, max_new_tokens=2, temperature=0, max_batch_tokens=150)
+    assert toks == [[_hf_greedy(model, p, 2)] for p in prefixes]
+    assert len(seen) > 1 and sum(len(u) for u in seen) == len(prefixes)
+    for units in seen:
+        rows = sum(len(members) for _, members in units)
+        assert len(units) * max(len(L) for L, _ in units) + rows * per_row <= 150
+
+
+def test_sliding_window_and_softcapping_are_refused():
+    """The cascade attention is full causal attention: a model whose attention differs must fail loudly."""
+    model = _qwen2()
+    model.config.use_sliding_window, model.config.sliding_window = True, 8
+    with pytest.raises(AssertionError, match="sliding window"):
+        ks.sample_continuations(model, [[1, 2, 3]], k=1, max_new_tokens=6)
+    assert ks.sample_continuations(model, [[1, 2, 3]], k=1, max_new_tokens=5, temperature=0)[0] == [[
+        _hf_greedy(model, [1, 2, 3], 5)]]   # within the window the two attentions agree
+    model.config.use_sliding_window = False
+    model.config.attn_logit_softcapping = 50.0
+    with pytest.raises(AssertionError, match="soft-capping"):
+        ks.sample_continuations(model, [[1, 2, 3]], k=1, max_new_tokens=6)
+
+
 def test_edge_cases_and_length_assert():
     model = _llama(8)
     assert ks.sample_continuations(model, [[1, 2]], k=2, max_new_tokens=0) == ([[[], []]], [[False, False]])
