@@ -1,6 +1,7 @@
 """End to end: the demo learns, resume is exact, the real-model path runs, bad flags fail cleanly."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def test_demo_improves_train_reward(demo_cache, tmp_path):
     assert records[-1]["mc/rollouts"] > 0 and 0 <= records[-1]["adv/zero_frac"] <= 1
 
 
-def test_resume_after_exception_is_bit_exact(demo_cache, tmp_path, monkeypatch):
+def test_resume_after_exception_is_bit_exact(demo_cache, tmp_path, monkeypatch, capsys):
     common = ["--iterations", "3", "--save-every", "1", "--eval-every", "2", "--lr", "3e-4", *SMALL]
     straight = vp.train(vp.parse_args(["--out", str(tmp_path / "a"), *common]))
     # interrupted right after the checkpoint of iteration 1, with a stray metrics line of iteration 2
@@ -72,7 +73,11 @@ def test_resume_after_exception_is_bit_exact(demo_cache, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         vp.train(vp.parse_args(["--out", str(tmp_path / "b"), *common]))
     monkeypatch.setattr(vp, "save_checkpoint", real_save)
+    sampled, real_sample = [], vp.sample_episodes
+    monkeypatch.setattr(vp, "sample_episodes", lambda *a, **kw: (sampled.append(1), real_sample(*a, **kw))[1])
+    capsys.readouterr()
     resumed = vp.train(vp.parse_args(["--out", str(tmp_path / "b"), "--resume", *common]))
+    assert "at iteration 1" in capsys.readouterr().err and len(sampled) == 2   # iterations 2 and 3 only
     assert without_times(read_metrics(tmp_path / "a")) == without_times(read_metrics(tmp_path / "b"))
     assert without_times(straight) == without_times(resumed)
     assert os.path.isfile(tmp_path / "b" / "ckpt" / "model.safetensors")
@@ -85,16 +90,18 @@ def test_resume_after_sigkill_is_bit_exact(demo_cache, tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "vineppo.py"), "--out", str(tmp_path / "b"), *common],
                             env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline:   # kill mid-run, once at least two iterations are on disk
+    while True:   # kill mid-run, once at least two iterations are on disk
         time.sleep(0.2)
         path = tmp_path / "b" / "metrics.jsonl"
         if path.exists() and sum(1 for _ in open(path)) >= 3:
             break
+        assert time.time() < deadline and proc.poll() is None, "the run ended or stalled before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     result = run_cli(["--out", str(tmp_path / "b"), "--resume", *common], env=env)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"resumed from \S+ at iteration [123]\b", result.stderr), result.stderr[-2000:]
     assert without_times(read_metrics(tmp_path / "a")) == without_times(read_metrics(tmp_path / "b"))
 
 

@@ -1,0 +1,84 @@
+"""The PPO update (vineppo.py sections 4 and 6) on a small random Llama: token log-probs against a forward of
+each episode alone, gradient accumulation over micro-batches, the ratio at the first step, the skip rule."""
+import copy
+
+import pytest
+import torch
+
+import vineppo as vp
+from conftest import save_random_model
+
+# Three episodes of different lengths, so that a micro-batch pads two of them.
+EPISODES = [vp.Episode(prompt_ids=[5, 6, 7], response_ids=[8, 9, 10, 11, 12]),
+            vp.Episode(prompt_ids=[20, 21, 22, 23, 24, 25], response_ids=[30, 31]),
+            vp.Episode(prompt_ids=[40], response_ids=[41, 42, 43, 44])]
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    folder = save_random_model(tmp_path_factory.mktemp("update") / "llama", "llama")
+    model, tok = vp.load_policy(folder, torch.device("cpu"), vp.parse_args(["--model", folder, "--task", "gsm8k"]))
+    return model.eval(), tok.pad_token_id
+
+
+def per_episode_logprobs(model, episodes, temperature):
+    """The oracle: each episode alone through the model's own forward and lm_head, in float64."""
+    out = []
+    for e in episodes:
+        P, L = len(e.prompt_ids), len(e.response_ids)
+        with torch.no_grad():
+            logits = model(torch.tensor([e.prompt_ids + e.response_ids])).logits[0].double() / temperature
+        out.append(torch.log_softmax(logits[P - 1:P + L - 1], -1).gather(1, torch.tensor(e.response_ids)[:, None])[:, 0])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 3])
+def test_token_logprobs_match_each_episode_alone(policy, micro_batch):
+    model, pad = policy
+    got = vp.token_logprobs(model, EPISODES, pad, 0.6, micro_batch)
+    assert got.shape == (sum(len(e.response_ids) for e in EPISODES),)
+    torch.testing.assert_close(got.double(), per_episode_logprobs(model, EPISODES, 0.6), rtol=1e-5, atol=1e-5)
+
+
+def update(model, pad, micro_batch, **flags):
+    """One ppo_update of a copy of `model` (its own frozen copy as the reference) on EPISODES with fixed advantages."""
+    policy, reference = copy.deepcopy(model), copy.deepcopy(model).requires_grad_(False)
+    args = vp.parse_args(["--task", "gsm8k", "--model", "someone/any-model", "--mini-batch", "3", "--micro-batch", str(micro_batch),
+                          "--epochs", "1", "--lr", "1.0", *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]])
+    # SGD, not the run's AdamW: its step is linear in the gradient, so equal gradients give equal steps (AdamW's
+    # first step is about lr * sign(g), which a rounding difference in a near-zero gradient flips)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=args.lr)
+    scheduler = vp.warmup_linear_schedule(optimizer, 10, 0.0)
+    token_adv = [torch.linspace(-1, 1, len(e.response_ids)) * (i + 1) for i, e in enumerate(EPISODES)]
+    torch.manual_seed(0)
+    stats = vp.ppo_update(policy, reference, optimizer, scheduler, EPISODES, token_adv, args, pad)
+    return policy, stats, scheduler
+
+
+def test_micro_batches_accumulate_to_the_mini_batch_gradient(policy):
+    """micro-batch losses are scaled by the MINI-batch's token and sequence counts, so accumulating 3 micro-batches
+    of 1 episode takes the same optimizer step as 1 micro-batch of 3. At the first step the policy is the one that
+    gave the old log-probs: ratio 1, nothing clipped, KL 0."""
+    model, pad = policy
+    one, stats_one, _ = update(model, pad, micro_batch=3)
+    split, stats_split, _ = update(model, pad, micro_batch=1)
+    assert stats_one["update/steps"] == stats_split["update/steps"] == 1
+    for s in (stats_one, stats_split):
+        assert s["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-6) and s["loss/clipfrac"] == 0.0
+        assert s["loss/kl"] == pytest.approx(0.0, abs=1e-9)
+    assert stats_one["update/grad_norm"] == pytest.approx(stats_split["update/grad_norm"], rel=1e-5)
+    assert stats_one["loss/total"] == pytest.approx(stats_split["loss/total"], rel=1e-5, abs=1e-7)
+    moved = 0.0
+    for a, b, p0 in zip(one.parameters(), split.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        moved = max(moved, float((a - p0).detach().abs().max()))
+    assert moved > 1e-3   # the step happened
+
+
+def test_skip_rule_leaves_the_policy_and_the_schedule_alone(policy):
+    """A mini-batch whose mean ratio exceeds --skip-ratio is skipped: no optimizer step, no schedule step."""
+    model, pad = policy
+    skipped, stats, scheduler = update(model, pad, micro_batch=2, skip_ratio=0.5)   # the ratio is 1 > 0.5
+    assert stats["update/steps"] == 0 and stats["update/skipped"] == 1
+    assert scheduler.last_epoch == 0
+    assert all(torch.equal(a, b) for a, b in zip(skipped.parameters(), model.parameters()))
