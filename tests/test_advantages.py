@@ -100,49 +100,61 @@ def test_mc_values_match_exact_values(tmp_path, monkeypatch):
             assert abs(v_hat - v) < 4 * se, (K, v_hat, v, se)
 
 
-def test_vine_advantages_sum_and_token_map(tmp_path):
+def test_vine_advantages_per_token(tmp_path, monkeypatch):
+    """Eq. (6) token by token, with the rollouts' outcomes fixed: from s_0 (the prompt) 2 of 3 continuations
+    are right, from s_1 all 3, so V = (2/3, 1), A_0 = V(s_1) - V(s_0) = 1/3, A_1 = R - V(s_1) = 0; step 0 is
+    "3+1=4\n" (6 tokens), step 1 "4*2=8\n#### 8" plus EOS (13 tokens)."""
     folder = save_random_model(tmp_path / "m", alphabet="0123456789+-*=# \n", layers=1, width=32)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = vp.build_char_tokenizer()
     text = "3+1=4\n4*2=8\n#### 8"
+    prompt = tok("3+1*2\n").input_ids
     response = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
     eps = []
     for g in range(2):
-        e = vp.Episode(prompt_ids=tok("3+1*2\n").input_ids, response_ids=response, group=g, text=text, gold="8",
-                       finished=True, reward=1.0)
+        e = vp.Episode(prompt_ids=prompt, response_ids=response, group=g, text=text, gold="8", finished=True,
+                       reward=1.0)
         e.steps = vp.split_steps(text, "arith")
         e.step_starts = vp.step_token_starts(response, e.steps, lambda ids: vp.decode(tok, ids))
         eps.append(e)
-    torch.manual_seed(0)
+    right, wrong = (tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in ("#### 8", "#### 7"))
+    asked = []
+
+    def fake_generate(model, tokenizer, prefixes, k, max_new_tokens, temperature, top_p, desc):
+        asked.append((prefixes, k, max_new_tokens))
+        conts = [[right, right, wrong] if len(p) == len(prompt) else [right] * 3 for p in prefixes]
+        return conts, [[True] * k for _ in prefixes]
+
+    monkeypatch.setattr(vp, "generate", fake_generate)
     args = vp.Args(k=3, temperature=1.0, top_p=1.0, max_new_tokens=24)
     token_adv, stats = vp.vine_advantages(model, tok, eps, args, "arith")
-    # identical states are sampled once: 2 episodes x 2 states but only 2 distinct states
-    assert stats["mc/rollouts"] == 2 * 3
-    for e, adv in zip(eps, token_adv):
-        assert adv.shape == (len(e.response_ids),)
-        step_of = vp.token_steps(e.step_starts, len(e.response_ids))
-        per_step = [float(adv[step_of == j][0]) for j in range(len(e.steps))]
-        assert all(torch.all(adv[step_of == j] == per_step[j]) for j in range(len(e.steps)))
-        assert sum(per_step) == pytest.approx(e.reward - stats["mc/value_s0"])   # R - V_hat(s_0)
+    # identical states are sampled once: 2 episodes x 2 states, 2 distinct; budgets = cap - tokens written
+    [(prefixes, k, budgets)] = asked
+    assert prefixes == [prompt, prompt + response[:6]] and k == 3 and budgets == [24, 18]
+    assert stats["mc/rollouts"] == 2 * 3 and stats["mc/value_s0"] == pytest.approx(2 / 3)
+    for adv in token_adv:
+        torch.testing.assert_close(adv, torch.tensor([1 / 3] * 6 + [0.0] * 13))
 
 
-def test_states_past_the_cap_get_zero_advantage(tmp_path):
+@pytest.mark.parametrize("reward", [0.0, 1.0])
+def test_states_past_the_cap_get_zero_advantage(tmp_path, reward):
     folder = save_random_model(tmp_path / "m", alphabet="0123456789+-*=# \n", layers=1, width=32)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = vp.build_char_tokenizer()
     text = "1\n2\n3\n4\n#### 4"
     response = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    e = vp.Episode(prompt_ids=tok("1\n").input_ids, response_ids=response, text=text, gold="4", finished=True, reward=1.0)
+    e = vp.Episode(prompt_ids=tok("1\n").input_ids, response_ids=response, text=text, gold="4", finished=True,
+                   reward=reward)
     e.steps = vp.split_steps(text, "arith")
     e.step_starts = vp.step_token_starts(response, e.steps, lambda ids: vp.decode(tok, ids))
     torch.manual_seed(0)
     args = vp.Args(k=2, temperature=1.0, top_p=1.0, max_new_tokens=20, max_states=2)
     (V,), rollouts = vp.vine_values(model, tok, [e], args, "arith")
-    assert rollouts == 2 * 2 and V[2:] == [1.0, 1.0]
+    assert rollouts == 2 * 2 and V[2:] == [reward, reward]
     A = vp.step_advantages(V, e.reward)
-    assert A[2:] == [0.0, 0.0] and A[1] == pytest.approx(1.0 - V[1])
+    assert A[2:] == [0.0, 0.0] and A[1] == pytest.approx(reward - V[1])
 
 
 # ---------------------------------------------------------------- the critic (PPO baseline)
@@ -174,9 +186,9 @@ def test_critic_gae_and_value_loss_closed_form(tmp_path):
 
 
 def test_whiten():
+    """(x - mean) / (population std + 1e-8): x = (1, 2, 3, 6) has mean 3 and std sqrt(3.5)."""
     x = torch.tensor([1.0, 2.0, 3.0, 6.0])
-    w = vp.whiten(x)
-    assert float(w.mean()) == pytest.approx(0, abs=1e-6) and float(w.std(unbiased=False)) == pytest.approx(1, rel=1e-5)
+    torch.testing.assert_close(vp.whiten(x), (x - 3) / (3.5 ** 0.5 + 1e-8))
 
 
 # ---------------------------------------------------------------- the PPO loss as the loop calls it

@@ -1,5 +1,6 @@
-"""The PPO update (vineppo.py sections 4 and 6) on a small random Llama: token log-probs against a forward of
-each episode alone, gradient accumulation over micro-batches, the ratio at the first step, the skip rule."""
+"""The PPO update (vineppo.py sections 4, 6 and 8) on a small random Llama: token log-probs against a forward of
+each episode alone, gradient accumulation over micro-batches, the ratio at the first step, the skip rule; the
+learning-rate schedule, the data order and the checkpoint lookup that resume relies on."""
 import copy
 
 import pytest
@@ -82,3 +83,38 @@ def test_skip_rule_leaves_the_policy_and_the_schedule_alone(policy):
     assert stats["update/steps"] == 0 and stats["update/skipped"] == 1
     assert scheduler.last_epoch == 0
     assert all(torch.equal(a, b) for a, b in zip(skipped.parameters(), model.parameters()))
+
+
+def test_warmup_then_linear_decay_closed_form():
+    """3% warm-up then linear decay to 0 (spec 1): 100 steps -> 3 warm-up steps, lr(s) = lr (s + 1) / 3 for
+    s < 3, then lr (100 - s) / 97."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = vp.warmup_linear_schedule(optimizer, 100, 0.03)
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step(); scheduler.step()
+    expected = [2.0 * (s + 1) / 3 for s in range(3)] + [2.0 * (100 - s) / 97 for s in range(3, 100)]
+    assert lrs == pytest.approx(expected) and scheduler.get_last_lr()[0] == 0.0
+
+
+def test_iteration_rows_cover_every_row_once_per_pass():
+    """The data position is a function of the iteration alone: 10 rows, 4 per iteration -> each pass of 10
+    consecutive draws (iterations 0-4 hold passes 0 and 1) is a permutation, and a resumed run asks the same."""
+    train = list(range(10))
+    draws = [r for it in range(5) for r in vp.iteration_rows(train, it, 4, seed=7)]
+    assert sorted(draws[:10]) == train and sorted(draws[10:]) == train and draws[:10] != draws[10:]
+    assert vp.iteration_rows(train, 3, 4, seed=7) == draws[12:16]
+    assert vp.iteration_rows(train, 0, 4, seed=8) != draws[:4]
+
+
+def test_find_checkpoint_falls_back_to_the_old_one(tmp_path):
+    """A kill between save_checkpoint's two renames leaves ckpt.old complete and no ckpt."""
+    assert vp.find_checkpoint(str(tmp_path)) is None
+    (tmp_path / "ckpt.old").mkdir()
+    assert vp.find_checkpoint(str(tmp_path)) is None                      # not COMPLETE: half written
+    (tmp_path / "ckpt.old" / "COMPLETE").touch()
+    assert vp.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt.old")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "COMPLETE").touch()
+    assert vp.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt")
