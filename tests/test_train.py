@@ -176,6 +176,11 @@ def test_policy_and_critic_have_no_dropout(tmp_path, arch):
     (["--model", "no-such-preset"], "is not a preset"),
     (["--advantage", "magic"], "unknown --advantage"),
     (["--model", "tiny", "--task", "gsm8k"], "runs --task arith only"),
+    (["--advantage", "grpo", "--samples-per-prompt", "1"], "needs --samples-per-prompt >= 2"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--temperature", "0"], "--temperature > 0"),
+    (["--lora-alpha", "16"], "only with --lora-rank >= 1"),
+    (["--train-file", "no/such/file.jsonl"], "does not exist"),
 ])
 def test_invalid_flags_give_one_line_error(flags, message, capsys):
     """In-process (parse_args is what the command line runs first); the next test runs the real CLI once."""

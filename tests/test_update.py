@@ -118,3 +118,19 @@ def test_find_checkpoint_falls_back_to_the_old_one(tmp_path):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "COMPLETE").touch()
     assert vp.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("config_eos,expected", [(None, [2]), (5, [2, 5]), ([7, 5, 2], [2, 5, 7])])
+def test_generate_stops_on_the_tokenizers_and_the_models_eos(config_eos, expected, monkeypatch):
+    """vineppo.generate passes the sampler the union of the tokenizer's EOS and the generation config's (an int
+    or a list: Llama-3-style models end turns with several), and the stop strings."""
+    import types
+    seen = {}
+    monkeypatch.setattr(vp.kernels, "sample_continuations",
+                        lambda model, prefixes, k, budget, **kw: seen.update(kw) or ([[[]] * k] * len(prefixes),) * 2)
+    model = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=config_eos),
+                                  eval=lambda: None, device=torch.device("cpu"))
+    tok = types.SimpleNamespace(eos_token_id=2)
+    vp.generate(model, tok, [[1, 2, 3]], 2, 8, 0.6, 0.9, desc="test")
+    assert seen["eos_token_ids"] == expected and seen["stop"] == (tok, vp.STOP_STRINGS)
+    assert seen["temperature"] == 0.6 and seen["top_p"] == 0.9

@@ -112,7 +112,16 @@ def test_value_analysis_on_closed_form_values(tmp_path, monkeypatch):
     truths = [s["truth"] for s in out["per_state"]]
     assert out["mae"]["critic"] == pytest.approx(sum(truths) / len(truths))   # |0 - V| averaged
     assert out["mae"]["mc"] == pytest.approx(sum(abs(s["mc"] - s["truth"]) for s in out["per_state"]) / len(truths))
-    assert 0 < out["mc_mae_expected"] < 0.5 and 0 < out["truth_se_mean"] < 0.04
+    # the floors in closed form from the truths: the truth's standard error, and a K = 4 mean's expected |error|
+    expected_mae = [sum(math.comb(4, j) * v ** j * (1 - v) ** (4 - j) * abs(j / 4 - v) for j in range(5)) for v in truths]
+    assert out["mc_mae_expected"] == pytest.approx(sum(expected_mae) / len(truths))
+    assert out["truth_se_mean"] == pytest.approx(sum(math.sqrt(v * (1 - v) / 256) for v in truths) / len(truths))
+    # the MAE by position i/n in the chain, recomputed from the per-state rows (5 bins)
+    bins = len(out["mae_by_position"]["count"])
+    for b in range(bins):
+        errs = [abs(s["mc"] - s["truth"]) for s in out["per_state"] if min(int(s["i"] / s["n"] * bins), bins - 1) == b]
+        assert out["mae_by_position"]["count"][b] == len(errs)
+        assert out["mae_by_position"]["mc"][b] == (pytest.approx(sum(errs) / len(errs)) if errs else None)
     rank = out["ranking"]
     assert rank["states"] + rank["skipped"] > 0 and rank["states"] > 0
     for name in ("mc", "critic", "chance"):
@@ -140,6 +149,7 @@ def test_train_writes_value_analysis_with_the_trained_critic(demo_cache, tmp_pat
         result = json.load(f)
     assert result["states"] == 6 and result["n_truth"] == 256 and set(result["mae"]) == {"mc", "critic"}
     assert all(0 <= s["truth"] <= 1 and s["critic"] is not None for s in result["per_state"])
+    assert any(abs(s["critic"]) > 1e-6 for s in result["per_state"])   # the trained critic (a fresh one says 0)
 
 
 def test_compare_methods_table_on_synthetic_runs(tmp_path):
