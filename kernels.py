@@ -430,12 +430,17 @@ def _slab_stats_torch(a, targets, temperature):
 def _slab_grad_torch(a, col0, targets, temperature, lse, entropy, grad_logp, grad_entropy, out_dtype):
     """a [N, C] fp32 raw logits of vocabulary columns col0 .. col0 + C (overwritten) -> dA [N, C]."""
     log_p = a.mul_(1.0 / temperature).sub_(lse[:, None])                        # [N, C]
+    return _grad_from_log_p_torch(log_p, col0, targets, temperature, entropy, grad_logp, grad_entropy, out_dtype)
+
+
+def _grad_from_log_p_torch(log_p, col0, targets, temperature, entropy, grad_logp, grad_entropy, out_dtype):
+    """log_p [N, C] fp32 log-probabilities of columns col0 .. col0 + C (overwritten) -> dA [N, C]."""
     p = log_p.exp()                                                             # [N, C]
     # dZ = g_logp (onehot - p) - g_H p (log p + H), written to reuse the two slabs
     d_z = log_p.add_(entropy[:, None]).mul_(grad_entropy[:, None]).add_(grad_logp[:, None])
     d_z = d_z.mul_(p).neg_()                                                    # -p (g_logp + g_H (log p + H))
-    inside = (targets >= col0) & (targets < col0 + a.shape[1])                  # [N]: target in this slab
-    local = (targets - col0).clamp_(0, a.shape[1] - 1)
+    inside = (targets >= col0) & (targets < col0 + p.shape[1])                  # [N]: target in this slab
+    local = (targets - col0).clamp_(0, p.shape[1] - 1)
     d_z.scatter_add_(1, local[:, None], (grad_logp * inside)[:, None])          # + g_logp onehot
     return d_z.mul_(1.0 / temperature).to(out_dtype)
 
@@ -638,12 +643,18 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, backend="auto"):
 
 
 # =====================================================================================================
-# 2. The PPO objective (spec section 5) on top of fused_logprobs
+# 2. The PPO objective (spec section 5) on top of the log-probs
 # =====================================================================================================
-# The PPO terms are elementwise in (logp, H), so dL/dlogp and dL/dH are [N] vectors and the [N, V]
-# part of the backward is exactly FusedLogprobs.backward. We therefore compute the terms in torch on
-# [N] tensors rather than in the kernel epilogue: it costs ~10 elementwise launches on [N] (microseconds,
-# O(N) memory) and keeps the spec's formula readable, backend-independent and differentiated by autograd.
+# The PPO terms are elementwise in (logp, H), so dL/dlogp and dL/dH are [N] vectors: they are computed
+# in torch on [N] tensors (ppo_terms: ~10 elementwise launches, O(N) memory), which keeps the spec's
+# formula readable, backend-independent and differentiated by autograd. Two ways to get the [N, V] part:
+#   - through fused_logprobs: its backward recomputes the logits (8 N d V matmul flops in all);
+#   - gradient in the forward (FusedPPOLoss, the chunked and torch backends, the default): dL/dlogp_t
+#     depends only on token t's own logp, so one row slab's logits give its loss terms, dL/dlogp by
+#     autograd on the slab's [C] vectors, and dZ at once; dX and dW follow, and the backward only scales
+#     them (6 N d V flops; 4 with a frozen lm_head, as under LoRA). Liger-Kernel does the same for its
+#     cross-entropy. Cost: dW accumulates over the row slabs in an fp32 [V, d] buffer.
+PPO_GRADIENT_IN_FORWARD = True
 
 
 def reference_ppo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, *, temperature, clip_eps,
@@ -660,18 +671,8 @@ def reference_ppo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, 
     return loss
 
 
-def ppo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, *, temperature, clip_eps, kl_coef,
-             n_tokens, n_seqs, entropy_coef=0.0, backend="auto"):
-    """The spec's PPO objective on the response tokens of one micro-batch (all [N] tensors, fp32):
-      rho = exp(logp - old_logp)
-      pg_t = max(-A_t * rho_t, -A_t * clip(rho_t, 1-eps, 1+eps))                 # token-mean over the MINI-batch
-      kl_t = clamp(exp(ref_logp - logp) - (ref_logp - logp) - 1, 0, 10)          # k3; summed per seq, mean over seqs
-      loss = sum_t pg_t / n_tokens + kl_coef * sum_t kl_t / n_seqs - entropy_coef * sum_t H_t / n_tokens
-    n_tokens / n_seqs count the whole mini-batch, so micro-batch losses sum to the mini-batch loss.
-    ref_logp may be None (kl_coef must then be 0). Returns (loss, stats): stats holds DETACHED [N]
-    tensors 'logp', 'ratio', 'clipped' (bool: the gradient is zero because of clipping), 'kl', 'entropy'."""
-    assert ref_logp is not None or kl_coef == 0, "kl_coef > 0 needs ref_logp"
-    logp, entropy = fused_logprobs(hidden, weight, targets, temperature, backend)      # [N] each
+def ppo_terms(logp, entropy, old_logp, ref_logp, advantages, *, clip_eps, kl_coef, n_tokens, n_seqs, entropy_coef):
+    """The loss of ppo_loss from the tokens' logp and entropy ([N] fp32, differentiable) -> (loss, stats)."""
     ratio = torch.exp(logp - old_logp)                                                  # [N]
     # max(-A rho, -A clip(rho)) picks the clipped branch exactly when A > 0 and rho > 1 + eps, or
     # A < 0 and rho < 1 - eps; there clip(rho) is constant and the gradient 0. Written with where so the
@@ -690,6 +691,87 @@ def ppo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, *, tempera
     stats = dict(logp=logp.detach(), ratio=ratio.detach(), clipped=clipped, kl=kl.detach(),
                  entropy=entropy.detach())
     return loss, stats
+
+
+class FusedPPOLoss(torch.autograd.Function):
+    """(hidden, weight) -> ppo_terms' loss and stats, with dL/dhidden and dL/dweight computed in the forward,
+    one row slab of logits at a time. Backward: dL/dhidden = g * the saved dX, likewise dW (g: the loss's
+    incoming gradient, 1 for loss.backward())."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, old_logp, ref_logp, advantages, temperature, terms, triton_slabs):
+        _check_inputs(hidden, weight, targets)
+        N, V = hidden.shape[0], weight.shape[0]
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        slab_stats = _slab_stats_triton if triton_slabs else _slab_stats_torch
+        grad_hidden = torch.zeros_like(hidden) if need_dx else None                              # [N, d]
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        loss, stats = torch.zeros((), dtype=torch.float32, device=hidden.device), []
+        rows = max(1, _slab_bytes(hidden, N, V) // (4 * V))          # the slabs of fused_logprobs' forward
+        for r0 in range(0, N, rows):
+            sl = slice(r0, r0 + rows)
+            a = _logits_fp32(hidden[sl], weight)                                        # [C, V] fp32
+            logp, entropy, lse = slab_stats(a, targets[sl], temperature)                # [C] each (torch: a = log p)
+            with torch.enable_grad():   # dL/dlogp and dL/dH of this slab's tokens: autograd on [C] vectors
+                logp, entropy = logp.requires_grad_(), entropy.requires_grad_()
+                part, part_stats = ppo_terms(logp, entropy, old_logp[sl], None if ref_logp is None else ref_logp[sl],
+                                             advantages[sl], **terms)
+                g_logp, g_entropy = torch.autograd.grad(part, (logp, entropy), allow_unused=True)
+            g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.contiguous()
+            g_entropy = torch.zeros_like(lse) if g_entropy is None else g_entropy.contiguous()
+            if triton_slabs:
+                d_a = _slab_grad_triton(a, 0, targets[sl], temperature, lse, entropy.detach(), g_logp, g_entropy,
+                                        hidden.dtype)                                   # [C, V]
+            else:
+                d_a = _grad_from_log_p_torch(a, 0, targets[sl], temperature, entropy.detach(), g_logp, g_entropy,
+                                             hidden.dtype)                              # [C, V]
+            del a
+            if need_dx:
+                grad_hidden[sl] = d_a @ weight                                          # [C, d]
+            if need_dw and d_a.dtype == torch.float32:
+                grad_weight.addmm_(d_a.T, hidden[sl])                                   # [V, d] += dA^T X, in place
+            elif need_dw:
+                grad_weight += _logits_fp32(d_a.T, hidden[sl].T)                         # bf16 in, fp32 out
+            del d_a
+            loss += part.detach()
+            stats.append(part_stats)
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        cat = {k: torch.cat([s[k] for s in stats]) if stats else torch.zeros(0, device=hidden.device,
+                                                                           dtype=torch.bool if k == "clipped" else torch.float32)
+               for k in ("logp", "ratio", "clipped", "kl", "entropy")}
+        ctx.mark_non_differentiable(*cat.values())
+        return (loss, *cat.values())
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
+                None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype),
+                None, None, None, None, None, None, None)
+
+
+def ppo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, *, temperature, clip_eps, kl_coef,
+             n_tokens, n_seqs, entropy_coef=0.0, backend="auto"):
+    """The spec's PPO objective on the response tokens of one micro-batch (all [N] tensors, fp32):
+      rho = exp(logp - old_logp)
+      pg_t = max(-A_t * rho_t, -A_t * clip(rho_t, 1-eps, 1+eps))                 # token-mean over the MINI-batch
+      kl_t = clamp(exp(ref_logp - logp) - (ref_logp - logp) - 1, 0, 10)          # k3; summed per seq, mean over seqs
+      loss = sum_t pg_t / n_tokens + kl_coef * sum_t kl_t / n_seqs - entropy_coef * sum_t H_t / n_tokens
+    n_tokens / n_seqs count the whole mini-batch, so micro-batch losses sum to the mini-batch loss.
+    ref_logp may be None (kl_coef must then be 0). Returns (loss, stats): stats holds DETACHED [N]
+    tensors 'logp', 'ratio', 'clipped' (bool: the gradient is zero because of clipping), 'kl', 'entropy'.
+    backend as fused_logprobs'; "chunked" and "torch" compute the gradient in the forward when one is needed."""
+    assert ref_logp is not None or kl_coef == 0, "kl_coef > 0 needs ref_logp"
+    terms = dict(clip_eps=clip_eps, kl_coef=kl_coef, n_tokens=n_tokens, n_seqs=n_seqs, entropy_coef=entropy_coef)
+    backend = resolve_backend(hidden, backend)
+    if PPO_GRADIENT_IN_FORWARD and backend in ("chunked", "torch") and torch.is_grad_enabled() \
+            and (hidden.requires_grad or weight.requires_grad):
+        loss, *stats = FusedPPOLoss.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous(),
+                                          old_logp, ref_logp, advantages, float(temperature), terms,
+                                          backend == "chunked")
+        return loss, dict(zip(("logp", "ratio", "clipped", "kl", "entropy"), stats))
+    logp, entropy = fused_logprobs(hidden, weight, targets, temperature, backend)      # [N] each
+    return ppo_terms(logp, entropy, old_logp, ref_logp, advantages, **terms)
 
 
 # =====================================================================================

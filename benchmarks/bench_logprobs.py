@@ -1,6 +1,7 @@
 """Forward+backward time and peak extra memory of ways to get token log-probs + entropy from the lm_head.
 
     python benchmarks/bench_logprobs.py     # CUDA if present (bf16, the real shapes), else the scaled CPU table
+    python benchmarks/bench_logprobs.py --ppo-only    # only the PPO-loss table (below)
 
 Methods (all compute logp and entropy of softmax(hidden @ weight.T / T), then backward of
 sum(g1 * logp + g2 * H) with fixed random g1, g2 into hidden and weight):
@@ -15,6 +16,9 @@ sum(g1 * logp + g2 * H) with fixed random g1, g2 into hidden and weight):
           temperature applied by scaling hidden
 Effective TFLOP/s counts 8 N d V per forward+backward (logits 2NdV, recomputed logits 2NdV, dX and dW
 2NdV each); the ceiling is torch.matmul on [N, d] x [d, V] in the same dtype, measured here.
+A second table times kernels.ppo_loss forward + backward at the largest token count, its gradient computed
+in the forward (the default: 6 N d V flops) against the same loss through fused_logprobs, whose backward
+recomputes the logits (8 N d V).
 Peak extra memory: CUDA: torch.cuda.max_memory_allocated() minus the allocation before the call.
 CPU: the profiler's tensor-allocation trace (torch.profiler, profile_memory=True): the highest total of
 bytes allocated during the call and still alive. Both include the gradients dX and dW themselves.
@@ -107,6 +111,33 @@ def check_against_float64(N, d, V, dtype, device):
               f"entropy {errs[1]:.1e}  dX {errs[2]:.1e}  dW {errs[3]:.1e}")
 
 
+def ppo_table(shapes, N, dtype, device, backend, reps):
+    """kernels.ppo_loss forward + backward, gradient in the forward vs through fused_logprobs' backward."""
+    print(f"# ppo_loss forward + backward, backend {backend}, N={N}: 'in forward' = dX and dW computed in the forward "
+          "(the default), 'recompute' = through fused_logprobs (its backward recomputes the logits)")
+    print(f"{'shape':<26}{'N':>6} {'method':<11}{'fwd+bwd ms':>11}{'peak extra':>12}{'speed-up':>9}")
+    for label, d, V in shapes:
+        inputs = make_inputs(N, d, V, dtype, device)
+        hidden, weight, targets, advantages, noise = inputs
+        with torch.no_grad():
+            old_logp, _ = kernels.fused_logprobs(hidden, weight, targets, TEMPERATURE, backend=backend)
+        old_logp = old_logp + 0.1 * noise                           # ratios around 1, some of them clipped
+        results = {}
+        for name, in_forward in (("in forward", True), ("recompute", False)):
+            def run(h, w, t, a, _, in_forward=in_forward):
+                kernels.PPO_GRADIENT_IN_FORWARD = in_forward
+                loss, _ = kernels.ppo_loss(h, w, t, old_logp, old_logp, a, temperature=TEMPERATURE, clip_eps=0.2,
+                                           kl_coef=1e-4, n_tokens=N, n_seqs=max(1, N // 256), backend=backend)
+                loss.backward()
+            results[name] = time_and_memory(run, inputs, device, reps)
+        kernels.PPO_GRADIENT_IN_FORWARD = True
+        base = results["recompute"][0]
+        for name, (seconds, mem) in results.items():
+            print(f"{label + f' d{d} V{V}':<26}{N:>6} {name:<11}{(f'{seconds * 1e3:,.1f}' if seconds else '-'):>11}"
+                  f"{fmt_mem(mem):>12}{(f'{base / seconds:.2f}x' if seconds and base else '-'):>9}")
+        del inputs
+
+
 # ----------------------------------------------------------------------------- measurement
 def cpu_peak_extra_bytes(fn):
     """Highest total of bytes allocated by CPU tensors during fn() and alive at the same time, from
@@ -195,6 +226,7 @@ def main():
         token_counts = [1024, 4096]
         name = (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                 f"load average {os.getloadavg()[0]:.1f} at start")
+    ppo_only = "--ppo-only" in sys.argv[1:]
     # row name -> backend; the CPU never times the Triton interpreter
     ours = {"chunked": "chunked", "fused": "triton"} if device == "cuda" else {"ours": "torch"}
     methods = {name: make_fwd_bwd(ours_logprobs(backend)) for name, backend in ours.items()}
@@ -215,6 +247,9 @@ def main():
         check_against_float64(256, 2048, 32000, dtype, device)
     else:
         cpu_peak_extra_bytes(lambda: torch.zeros(1))            # profiler start-up, outside the timings
+    if ppo_only:
+        return ppo_table(shapes, token_counts[-2 if device == "cuda" else -1], dtype, device, ours[next(iter(ours))],
+                         reps=5 if device == "cuda" else 1)
     print(f"{'shape':<26}{'N':>6} {'method':<8}{'fwd+bwd ms':>11}{'peak extra':>12}{'vs naive':>9}"
           f"{'TFLOP/s':>9}{'of matmul':>10}")
     results, failures = {}, []
@@ -239,6 +274,8 @@ def main():
         print(f"{'':<26}matmul ceiling ({str(dtype)[6:]}, N={ceiling_n}): {ceiling:.2f} TFLOP/s")
     for line in failures:
         print(f"# {line}")
+    ppo_table(shapes, token_counts[-2 if device == "cuda" else -1], dtype, device, ours[next(iter(ours))],
+              reps=5 if device == "cuda" else 1)
     if device == "cuda":   # the issue's goals, checked on what was measured
         for method in ours:
             print_goals(results, shapes, token_counts, method)

@@ -288,6 +288,42 @@ def test_ppo_loss_matches_float64_spec(backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+def test_ppo_gradient_in_the_forward_equals_the_recomputing_backward(backend, device, small_chunks, monkeypatch):
+    """The default path (dX, dW computed in ppo_loss's forward, one row slab at a time) against the same loss through
+    fused_logprobs: same loss, stats and gradients; the backward scales by the incoming gradient (here 3); a frozen
+    lm_head (LoRA) gets no gradient and its dX is still right; ref_logp None; N = 0. Ragged slabs: 3 x 16 rows."""
+    small_chunks(PPO_SHAPE[2])
+    hidden, weight, targets, old_logp, ref_logp, advantages = ppo_inputs(seed=8, device=device)
+    counts = dict(kl_coef=0.1, entropy_coef=0.01, n_tokens=60, n_seqs=5)
+    results = {}
+    for in_forward in (True, False):
+        monkeypatch.setattr(K, "PPO_GRADIENT_IN_FORWARD", in_forward)
+        for train_weight in (True, False):
+            for ref in (ref_logp, None):
+                kw = dict(counts, kl_coef=0.0) if ref is None else counts
+                h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(train_weight)
+                loss, stats = K.ppo_loss(h, w, targets, old_logp, ref, advantages, **PPO_KW, **kw, backend=backend)
+                (3 * loss).backward()
+                results[in_forward, train_weight, ref is None] = (loss.detach(), stats, h.grad, w.grad)
+    for key in [(t, r) for t in (True, False) for r in (True, False)]:
+        (loss, stats, dh, dw), (loss0, stats0, dh0, dw0) = results[(True, *key)], results[(False, *key)]
+        assert_close(loss, loss0.double(), rtol=1e-6)
+        assert_close(dh, dh0.double(), rtol=1e-5)
+        assert (dw is None) == (dw0 is None) == (not key[0])
+        if dw is not None:
+            assert_close(dw, dw0.double(), rtol=1e-5)
+        for name in ("logp", "ratio", "kl", "entropy"):
+            assert_close(stats[name], stats0[name].double(), rtol=1e-6)
+        assert torch.equal(stats["clipped"], stats0["clipped"])
+    h, w = hidden[:0].clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, stats = K.ppo_loss(h, w, targets[:0], old_logp[:0], ref_logp[:0], advantages[:0], **PPO_KW, **counts,
+                             backend=backend)
+    loss.backward()
+    assert float(loss.detach()) == 0 and stats["ratio"].shape == (0,) and torch.equal(w.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ppo_gradient_at_ratio_one_is_advantage_weighted_logp_gradient(backend, device):
     hidden, weight, targets, _, _, advantages = ppo_inputs(seed=6, device=device)
