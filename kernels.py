@@ -1367,9 +1367,18 @@ class _StopChecker:
         self.tok, self.strs = stop
         self.window = max(len(s) for s in self.strs) + 4
 
-    def context(self, prefix):
-        """A row's prefix context: its last window tokens."""
-        return list(prefix[-self.window:])
+    def contexts(self, prefixes):
+        """Each prefix's context: the fewest last tokens whose text holds the prefix's longest tail that begins a
+        stop string (none: no stop string can begin in the prefix; GSM8K states end in "\n", one token)."""
+        tails = [list(p[-self.window:]) for p in prefixes]
+        out = []
+        for tail, text in zip(tails, self.tok.batch_decode(tails)):
+            need = max((n for s in self.strs for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+            j = len(tail)
+            while need and j > 0 and len(self.tok.decode(tail[j:])) < need:
+                j -= 1
+            out.append(tail[j:] if need else [])
+        return out
 
     def _hit(self, pre, new):
         """Does decode(pre + new) hold a stop string that ends past decode(pre)?"""
@@ -1383,7 +1392,7 @@ class _StopChecker:
         return max(0, checked + 1 - self.window)
 
     def cut_lengths(self, tails, lo, checked, contexts):
-        """tails: each row's tokens [lo, now), lo = tail_start(checked); contexts: each row's context().
+        """tails: each row's tokens [lo, now), lo = tail_start(checked); contexts: each row's from contexts().
         Returns, per row, the length to cut the row to (the token completing a stop string is kept) or None."""
         ctxs = [c if lo == 0 else [] for c in contexts]  # lo > 0: the window up to any new token is all new tokens
         out = []
@@ -1443,7 +1452,11 @@ def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend,
     dev = next(model.parameters()).device
     pk, pv = _prefill(model, [L for L, _ in units], prefill_tokens)
     rows = [(g, s, n, L[n - 1]) for g, (L, members) in enumerate(units) for s, n in members]  # sorted by nest
-    contexts = [stopper.context(units[g][0][:n]) for g, _, n, _ in rows] if stopper is not None else None
+    contexts = None
+    if stopper is not None:  # one per state: the k rows of a state share it
+        states = sorted({(g, n) for g, _, n, _ in rows})
+        of_state = dict(zip(states, stopper.contexts([units[g][0][:n] for g, n in states])))
+        contexts = [of_state[g, n] for g, _, n, _ in rows]
     grp, slot, plen, first = (torch.tensor(col, device=dev) for col in zip(*rows))  # (B,) each
     plen = plen - 1  # the state's last token is fed at step 0, so the cached prefix is one shorter
     B = len(rows)
