@@ -168,6 +168,35 @@ def test_eos_ends_rows_exactly_with_compaction(device):
         assert rows[0] == _hf_greedy(model, p, 20, eos=eos)
 
 
+def test_decode_inputs_keep_their_storage_until_a_compaction(monkeypatch):
+    """The CPU counterpart of the CUDA-graph decode: a captured graph replays reading the step's ids and
+    positions from the storage it was captured with, so the loop must update them in place, and the stepper
+    must be reset (re-captured) whenever a compaction replaces them. Recorded on the CPU, where the same loop
+    runs without a graph, in the scenario of the compaction test above."""
+    seen, real_call, real_reset = [], ks._Stepper.__call__, ks._Stepper.reset
+
+    def call(self, ids, pos):
+        seen.append((ids.data_ptr(), pos.data_ptr()))
+        return real_call(self, ids, pos)
+
+    def reset(self):
+        seen.append("reset")
+        real_reset(self)
+
+    monkeypatch.setattr(ks._Stepper, "__call__", call)
+    monkeypatch.setattr(ks._Stepper, "reset", reset)
+    test_eos_ends_rows_exactly_with_compaction("cpu")
+    segments, current = [], None
+    for event in seen:
+        if event == "reset":
+            current = []
+            segments.append(current)
+        else:
+            current.append(event)
+    assert len(segments) >= 2 and all(segments)   # the stepper's own reset, then one per compaction
+    assert all(len(set(seg)) == 1 for seg in segments)   # one storage per capture
+
+
 def _char_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     chars = ["<unk>"] + list("abcdefghijklmnopqrstu\n:")[:V - 1]
