@@ -105,8 +105,12 @@ def test_bf16_within_error_of_bf16_torch(backend, N, d, V, small_chunks, device)
     expected = float64_oracle(hidden, weight, targets, g1, g2, 0.6)    # exact maths on the bf16 values
     assert got[0].dtype == got[1].dtype == torch.float32
     assert got[2].dtype == got[3].dtype == torch.bfloat16
+    # at most naive's error (x 1.25: the slabs and tiles sum in another order); the fused kernels keep the
+    # logits in fp32 (naive rounds them to bf16), so their logp and entropy are 10x closer at least
     for name, a, t, e in zip(["logp", "entropy", "d hidden", "d weight"], got, same_dtype_torch, expected):
-        assert scaled_error(a, e) <= scaled_error(t, e) + 1e-2, name
+        assert scaled_error(a, e) <= 1.25 * scaled_error(t, e) + 1e-4, name
+        if backend == "triton" and name in ("logp", "entropy"):
+            assert scaled_error(a, e) <= 0.1 * scaled_error(t, e), name
 
 
 @pytest.mark.parametrize("device", DEVICES)
