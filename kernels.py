@@ -736,9 +736,12 @@ class FusedPPOLoss(torch.autograd.Function):
             loss += part.detach()
             stats.append(part_stats)
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
-        cat = {k: torch.cat([s[k] for s in stats]) if stats else torch.zeros(0, device=hidden.device,
-                                                                           dtype=torch.bool if k == "clipped" else torch.float32)
-               for k in ("logp", "ratio", "clipped", "kl", "entropy")}
+        names = ("logp", "ratio", "clipped", "kl", "entropy")
+        if stats:
+            cat = {k: torch.cat([st[k] for st in stats]) for k in names}
+        else:                                                                       # N = 0: no slab ran
+            cat = {k: torch.zeros(0, device=hidden.device, dtype=torch.bool if k == "clipped" else torch.float32)
+                   for k in names}
         ctx.mark_non_differentiable(*cat.values())
         return (loss, *cat.values())
 
@@ -1590,7 +1593,7 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     assert not window or len(prefixes[longest]) + budgets[longest] <= window, (
-        f"prefix + max_new_tokens exceed the model's sliding window ({window}): the cascade attention is full attention")
+        f"prefix + max_new_tokens exceed the model's sliding window ({window}); the cascade attention is full")
     assert not getattr(cfg, "attn_logit_softcapping", None), "attention logit soft-capping is not supported"
     row_budgets = [b for b in budgets for _ in range(k)]   # per (prefix, sample) row
     max_new_tokens = max(budgets)
