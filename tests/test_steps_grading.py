@@ -102,6 +102,11 @@ def test_concatenation_invariant_random_text(seed):
     text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
     for task in ("gsm8k", "math", "arith"):
         assert "".join(vp.split_steps(text, task)) == text
+    # line steps: every step but the last ends a line; blank lines and "####" lines never start a step of their
+    # own (they join the step before), except at the very start; so no step but the first is blank
+    steps = vp.split_steps(text, "gsm8k")
+    assert all(st.endswith("\n") for st in steps[:-1])
+    assert not any(st.strip() == "" or st.lstrip().startswith("####") for st in steps[1:])
 
 
 # ---------------------------------------------------------------- token -> step
