@@ -176,13 +176,15 @@ def test_critic_gae_and_value_loss_closed_form(tmp_path):
         delta = r + v_next - v
         gae = torch.flip(torch.cumsum(torch.flip(delta, [0]), 0), [0])
         assert torch.allclose(a, gae, atol=1e-6) and torch.allclose(a, e.reward - v, atol=1e-6)
-    # clipped value loss after the head moved: closed form on the same numbers
-    with torch.no_grad():
-        critic["head"].bias.add_(0.5)
-    loss = vp.critic_loss(critic, eps, tok.pad_token_id, V_old, G, clip=0.2, n_tokens=6)
-    V_new = V_old + 0.5
-    expected = 0.5 * torch.maximum((V_new - G) ** 2, (V_old + 0.2 - G) ** 2).mean()
-    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    # clipped value loss after the head moved up, then down, then a little: closed form on the same numbers
+    # (+0.5 and -0.5 leave the +-0.2 trust region, each on its own side; +0.1 stays inside it)
+    for shift, bias in ((0.5, 0.5), (-0.5, -1.0), (0.1, 0.6)):
+        with torch.no_grad():
+            critic["head"].bias.add_(bias)
+        loss = vp.critic_loss(critic, eps, tok.pad_token_id, V_old, G, clip=0.2, n_tokens=6)
+        V_new, V_clip = V_old + shift, V_old + max(-0.2, min(0.2, shift))
+        expected = 0.5 * torch.maximum((V_new - G) ** 2, (V_clip - G) ** 2).mean()
+        assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5), shift
 
 
 def test_whiten():
