@@ -748,8 +748,9 @@ class FusedPPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
-                None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype),
+        # scaled in fp32, rounded once (a bf16 copy of grad_loss would round a scale like 1/3 to 8 bits)
+        return (None if grad_hidden is None else (grad_hidden.float() * grad_loss).to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight.float() * grad_loss).to(grad_weight.dtype),
                 None, None, None, None, None, None, None)
 
 
@@ -765,6 +766,8 @@ def ppo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, *, tempera
     tensors 'logp', 'ratio', 'clipped' (bool: the gradient is zero because of clipping), 'kl', 'entropy'.
     backend as fused_logprobs'; "chunked" and "torch" compute the gradient in the forward when one is needed."""
     assert ref_logp is not None or kl_coef == 0, "kl_coef > 0 needs ref_logp"
+    assert not any(t is not None and t.requires_grad for t in (old_logp, ref_logp, advantages)), \
+        "old_logp, ref_logp and advantages are constants of the loss"
     terms = dict(clip_eps=clip_eps, kl_coef=kl_coef, n_tokens=n_tokens, n_seqs=n_seqs, entropy_coef=entropy_coef)
     backend = resolve_backend(hidden, backend)
     if PPO_GRADIENT_IN_FORWARD and backend in ("chunked", "torch") and torch.is_grad_enabled() \
@@ -1405,7 +1408,7 @@ class _StopChecker:
                 # rare: find the exact completing token e (absolute index + 1); while e < window, the window
                 # up to e reaches back into the prefix
                 cut = next((e for e in range(checked + 1, lo + len(toks) + 1)
-                            if self._hit(ctx[len(ctx) - max(0, self.window - e):],
+                            if self._hit(ctx[max(0, len(ctx) - (self.window - e)):] if e < self.window else [],
                                          toks[max(0, e - self.window - lo):e - lo])), None)
             out.append(cut)
         return out

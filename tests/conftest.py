@@ -71,10 +71,11 @@ def demo_cache(tmp_path_factory):
     torch.set_num_threads(max(threads, min(2, os.cpu_count() or 1)))
     try:
         vineppo.demo_sft_model(vineppo.parse_args([]))
+        torch.set_num_threads(threads)
+        yield cache
     finally:
         torch.set_num_threads(threads)
-    yield cache
-    if old is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
+        if old is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = old

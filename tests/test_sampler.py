@@ -250,12 +250,13 @@ def test_stop_string_that_begins_in_the_prefix(sync_every, monkeypatch):
     monkeypatch.setattr(ks, "SAMPLER_SYNC_EVERY", sync_every)
     tok, model = _char_tokenizer(), _llama(4)
     # shorter and longer than the checker's window; the third holds a stop string that its continuation never completes
-    prefixes = [[5, 6, 7], [1 + (7 * i) % 20 for i in range(15)], [2, 4, 6, 8, 10, 12, 14, 16, 18]]
+    prefixes = [[5, 6, 7], list(range(2, 17)), [2, 4, 6, 8, 10, 12, 14, 16, 18]]
     n = 12
     refs = [_hf_greedy(model, p, n) for p in prefixes]
     texts = [tok.decode(p) for p in prefixes]
     stops = [texts[0][-2:] + tok.decode(refs[0][:2]),   # 2 prefix characters + the first 2 new tokens
-             texts[1][-3:] + tok.decode(refs[1][:1]),   # 3 prefix characters + the first new token
+             texts[1][-6:] + tok.decode(refs[1][:1]),   # 6 prefix characters + the first new token: 6 of the
+                                                        # 10 tokens before that token are context
              texts[2][:4]]                              # inside the third prefix
 
     def first_stop(prefix, new):
