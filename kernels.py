@@ -655,6 +655,7 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, backend="auto"):
 #     them (6 N d V flops; 4 with a frozen lm_head, as under LoRA). Liger-Kernel does the same for its
 #     cross-entropy. Cost: dW accumulates over the row slabs in an fp32 [V, d] buffer.
 PPO_GRADIENT_IN_FORWARD = True
+PPO_STATS = ("logp", "ratio", "clipped", "kl", "entropy")   # the [N] tensors ppo_loss returns beside the loss
 
 
 def reference_ppo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, *, temperature, clip_eps,
@@ -716,8 +717,8 @@ class FusedPPOLoss(torch.autograd.Function):
                 logp, entropy = logp.requires_grad_(), entropy.requires_grad_()
                 part, part_stats = ppo_terms(logp, entropy, old_logp[sl], None if ref_logp is None else ref_logp[sl],
                                              advantages[sl], **terms)
-                g_logp, g_entropy = torch.autograd.grad(part, (logp, entropy), allow_unused=True)
-            g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.contiguous()
+                g_logp, g_entropy = torch.autograd.grad(part, (logp, entropy), allow_unused=True)  # H unused: coef 0
+            g_logp = g_logp.contiguous()
             g_entropy = torch.zeros_like(lse) if g_entropy is None else g_entropy.contiguous()
             if triton_slabs:
                 d_a = _slab_grad_triton(a, 0, targets[sl], temperature, lse, entropy.detach(), g_logp, g_entropy,
@@ -736,12 +737,11 @@ class FusedPPOLoss(torch.autograd.Function):
             loss += part.detach()
             stats.append(part_stats)
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
-        names = ("logp", "ratio", "clipped", "kl", "entropy")
         if stats:
-            cat = {k: torch.cat([st[k] for st in stats]) for k in names}
+            cat = {k: torch.cat([st[k] for st in stats]) for k in PPO_STATS}
         else:                                                                       # N = 0: no slab ran
             cat = {k: torch.zeros(0, device=hidden.device, dtype=torch.bool if k == "clipped" else torch.float32)
-                   for k in names}
+                   for k in PPO_STATS}
         ctx.mark_non_differentiable(*cat.values())
         return (loss, *cat.values())
 
@@ -775,7 +775,7 @@ def ppo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, *, tempera
         loss, *stats = FusedPPOLoss.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous(),
                                           old_logp, ref_logp, advantages, float(temperature), terms,
                                           backend == "chunked")
-        return loss, dict(zip(("logp", "ratio", "clipped", "kl", "entropy"), stats))
+        return loss, dict(zip(PPO_STATS, stats))
     logp, entropy = fused_logprobs(hidden, weight, targets, temperature, backend)      # [N] each
     return ppo_terms(logp, entropy, old_logp, ref_logp, advantages, **terms)
 
@@ -1380,10 +1380,10 @@ class _StopChecker:
         out = []
         for tail, text in zip(tails, self.tok.batch_decode(tails)):
             need = max((n for s in self.strs for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-            j = len(tail)
-            while need and j > 0 and len(self.tok.decode(tail[j:])) < need:
+            j = len(tail)   # need = 0: no token, the loop never runs
+            while j > 0 and len(self.tok.decode(tail[j:])) < need:
                 j -= 1
-            out.append(tail[j:] if need else [])
+            out.append(tail[j:])
         return out
 
     def _hit(self, pre, new):
@@ -1406,9 +1406,9 @@ class _StopChecker:
             cut = None
             if any(s in text for s in self.strs) and self._hit(ctx, toks):
                 # rare: find the exact completing token e (absolute index + 1); while e < window, the window
-                # up to e reaches back into the prefix
+                # up to e reaches back window - e tokens into the prefix (none from e = window on)
                 cut = next((e for e in range(checked + 1, lo + len(toks) + 1)
-                            if self._hit(ctx[max(0, len(ctx) - (self.window - e)):] if e < self.window else [],
+                            if self._hit(ctx[max(0, len(ctx) - max(0, self.window - e)):],
                                          toks[max(0, e - self.window - lo):e - lo])), None)
             out.append(cut)
         return out
