@@ -998,6 +998,10 @@ def _merge_partials_triton(o1, l1, o2, l2, pad_idx, R, out_dtype):
 def _cascade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Registered as an HF attention implementation for the decode steps only. query (B, Hq, 1, D);
     key/value are this layer's new-token caches sk/sv (B, Hkv, T, D) from _CascadeCache.update."""
+    # Attention variants the cascade does not compute must fail loudly, not be dropped (gpt-oss's sinks, Gemma 2's
+    # soft-capping): sample_continuations checks the config, this catches what a config does not say.
+    unsupported = [name for name in ("s_aux", "sinks", "softcap", "position_bias") if kwargs.get(name) is not None]
+    assert not unsupported, f"the sampler's cascade attention does not support {unsupported}"
     c = _ACTIVE[-1]
     layer = module.layer_idx
     out_dtype, query = query.dtype, query.to(c.pk[layer].dtype)   # _kv_dtype: bf16 under autocast, like SDPA

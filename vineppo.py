@@ -526,7 +526,13 @@ def load_policy(path: str, device: torch.device, args: Args):
 def without_dropout(model):
     """Dropout off, as TRL does: PPO's old log-probs come from an eval-mode forward and the update's from a
     train-mode one (gradient checkpointing needs train mode), so with dropout the ratio would not start at 1.
-    The paper's models (Llama architecture) have none; GPT-2 configs default to 0.1."""
+    The paper's models (Llama architecture) have none; GPT-2 configs default to 0.1. Some models (Falcon,
+    GPT-Neo) read a rate from the config at every forward, so the config's rates are zeroed too."""
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "to_dict")}
+    for config in configs.values():   # the model's, and any sub-model's (a critic's backbone, a text config)
+        for key, value in vars(config).items():
+            if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
+                setattr(config, key, 0.0)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0

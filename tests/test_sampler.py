@@ -446,6 +446,20 @@ def test_sliding_window_and_softcapping_are_refused():
         ks.sample_continuations(model, [[1, 2, 3]], k=1, max_new_tokens=6)
 
 
+def test_attention_sinks_are_refused():
+    """gpt-oss passes its attention sinks to the attention function (`s_aux`); no config flag says so, so the
+    cascade attention itself refuses what it would otherwise drop."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(GptOssConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=64,
+        max_position_embeddings=64, layer_types=["full_attention"],
+        rope_parameters=dict(rope_type="default", rope_theta=1e4))).eval()
+    with pytest.raises(AssertionError, match="does not support \\['s_aux'\\]"):
+        ks.sample_continuations(model, [[1, 2, 3]], k=1, max_new_tokens=4, temperature=0)
+
+
 def test_edge_cases_and_length_assert():
     model = _llama(8)
     assert ks.sample_continuations(model, [[1, 2]], k=2, max_new_tokens=0) == ([[[], []]], [[False, False]])

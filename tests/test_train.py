@@ -147,18 +147,29 @@ def test_real_model_path_math_jsonl(tmp_path, arch, advantage, lora, device):
     assert 0 < records[-1]["update/grad_norm"] < float("inf")
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "falcon"])
 def test_policy_and_critic_have_no_dropout(tmp_path, arch):
     """PPO's ratio starts at 1 only if the update's train-mode forward equals the eval-mode forward that gave the
-    old log-probs: dropout is off in the policy and the critic (GPT-2 defaults to 0.1; Llama's attention here 0.5)."""
+    old log-probs: dropout is off in the policy and the critic (GPT-2 defaults to 0.1; Llama's attention here 0.5;
+    Falcon reads its rates from the config at every forward, through no Dropout module)."""
     import torch
-    from transformers import AutoConfig
-    folder = save_random_model(tmp_path / arch, arch)
+    from transformers import AutoConfig, FalconConfig, FalconForCausalLM
+    if arch == "falcon":
+        folder = save_random_model(tmp_path / arch, "llama")   # for its tokenizer
+        tok_config = AutoConfig.from_pretrained(folder)
+        torch.manual_seed(0)
+        FalconForCausalLM(FalconConfig(vocab_size=tok_config.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, hidden_dropout=0.5, attention_dropout=0.5,
+                                       pad_token_id=tok_config.pad_token_id, eos_token_id=tok_config.eos_token_id,
+                                       bos_token_id=None)).save_pretrained(folder)
+    else:
+        folder = save_random_model(tmp_path / arch, arch)
     if arch == "llama":
         config = AutoConfig.from_pretrained(folder)
         config.attention_dropout = 0.5
         config.save_pretrained(folder)
-    assert max(getattr(AutoConfig.from_pretrained(folder), a, 0.0) for a in ("resid_pdrop", "attention_dropout")) > 0
+    rates = ("resid_pdrop", "attention_dropout", "hidden_dropout")
+    assert max(getattr(AutoConfig.from_pretrained(folder), a, 0.0) for a in rates) > 0
     args = vp.parse_args(["--model", folder, "--task", "gsm8k"])
     policy, _ = vp.load_policy(folder, torch.device("cpu"), args)
     critic = vp.make_critic(folder, torch.device("cpu"))
