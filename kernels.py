@@ -814,6 +814,9 @@ def ppo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, *, tempera
 SAMPLER_BACKEND = "auto"
 SAMPLER_SYNC_EVERY = None  # decode steps between host syncs (stop strings, compaction); None: 8 on CUDA, else 1
 SAMPLER_TOP_P_KERNEL = True  # with the "triton" backend, draw with _top_p_sample_kernel (False: the torch sort)
+# Share of the free GPU memory one batch's KV may take; the rest is headroom for the prefill's transient cache,
+# the logits and sampling scratch, the CUDA graph's pool and fragmentation after a PPO update.
+SAMPLER_MEMORY_FRACTION = 0.7
 _ATTN_NAME = "vineppo_cascade"
 _ACTIVE = []  # the _CascadeCache of the decode step in flight (read by the attention function)
 # Counters for tests and benchmarks (reset them freely): batches run, prefill tokens computed (real
@@ -1550,7 +1553,8 @@ def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend,
 
 
 # ----------------------------------------------------------------------------- 6. public API
-def _max_positions(config):
+def max_positions(config):
+    """The most positions (prefix + new tokens) the model has, or None where the config sets no limit."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
@@ -1593,7 +1597,7 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
     if n == 0 or k <= 0 or max(budgets) <= 0:
         return [[[] for _ in range(k)] for _ in range(n)], [[False] * k for _ in range(n)]
     assert all(len(p) > 0 for p in prefixes), "every prefix needs at least one token (e.g. BOS)"
-    limit = _max_positions(model.config)
+    limit = max_positions(model.config)
     longest = max(range(n), key=lambda i: len(prefixes[i]) + budgets[i])
     assert limit is None or len(prefixes[longest]) + budgets[longest] <= limit, (
         f"prefix ({len(prefixes[longest])} tokens) + max_new_tokens ({budgets[longest]}) exceeds the model's {limit} positions")
@@ -1634,7 +1638,7 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
             # PPO update that is most of the activations' memory, which mem_get_info counts as taken)
             if dev.type == "cuda":
                 cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
-                free = (torch.cuda.mem_get_info(dev)[0] + cached) * 0.7
+                free = (torch.cuda.mem_get_info(dev)[0] + cached) * SAMPLER_MEMORY_FRACTION
             else:
                 free = 2 ** 30
             max_batch_tokens = int(free // bytes_tok)

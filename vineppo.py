@@ -54,13 +54,13 @@ class Args:
     device: str = arg("auto", "cuda, cpu or auto")
     # --- model and task
     model: str = arg("tiny", "preset (rho-math-1.1b, deepseekmath-7b), Hub id, local folder, or tiny (the demo model trained here)")
-    task: str = arg("arith", "arith (built-in), gsm8k or math")
+    task: str = arg("gsm8k", "gsm8k, math, or arith (the built-in task; the default with --model tiny)")
     train_file: Optional[str] = arg(None, "local JSONL train split in the dataset's own format (instead of the Hub)")
     test_file: Optional[str] = arg(None, "local JSONL test split in the dataset's own format (instead of the Hub)")
     # --- credit assignment
     advantage: str = arg("vine", "vine (MC values, the paper), critic (PPO value network), grpo or rloo")
     k: int = arg(9, "VinePPO: Monte Carlo continuations per state (K)")
-    max_states: int = arg(25, "VinePPO: only the first this many states get MC values (spec 3)")
+    max_states: Optional[int] = arg(None, "VinePPO: only the first this many states get MC values (default: 25 on GSM8K as the authors, spec 3; on MATH all)")
     # --- sampling (training episodes and MC rollouts)
     prompts_per_iteration: int = arg(64, "prompts per iteration")
     samples_per_prompt: int = arg(8, "responses sampled per prompt")
@@ -103,6 +103,7 @@ PAPER_ITERATIONS = {"gsm8k": 650, "math": 1000, "arith": 30}   # arith: the demo
 # The demo (tiny model, arith task, 2 CPU cores, 10 minutes) departs from the paper's defaults here.
 # Each value applies only when the flag is not given on the command line.
 DEMO_DEFAULTS = dict(
+    task="arith",              # the built-in task: the tiny model reads its character vocabulary only
     k=4,                       # NOTE: paper K=9; 4 keeps MC rollouts at ~half the iteration on 2 cores
     samples_per_prompt=4,      # NOTE: paper 8; 64 x 4 = 256 episodes is the smallest stable batch we found
     temperature=1.0,           # NOTE: paper 0.6; the tiny model trained from scratch is already sharp
@@ -132,6 +133,8 @@ def parse_args(argv=None) -> Args:
         for name, value in DEMO_DEFAULTS.items():
             if name not in given:
                 setattr(args, name, value)
+    if args.max_states is None and args.task == "gsm8k":
+        args.max_states = 25   # the authors cap GSM8K's MC states (spec 3), not MATH's
     if args.iterations is None:
         args.iterations = PAPER_ITERATIONS[args.task] if args.task in PAPER_ITERATIONS else 0
     error = validate(args)
@@ -145,6 +148,8 @@ def validate(args: Args) -> Optional[str]:
         return f"unknown --task {args.task!r} (choose arith, gsm8k or math)"
     if args.advantage not in ADVANTAGE_METHODS:
         return f"unknown --advantage {args.advantage!r} (choose {', '.join(ADVANTAGE_METHODS)})"
+    if args.model in PRESETS and args.task not in PRESETS[args.model]:
+        return f"--model {args.model} has SFT checkpoints for --task {' and '.join(PRESETS[args.model])} only"
     if args.model == "tiny" and args.task != "arith":
         return "--model tiny is the demo model with a character vocabulary: it runs --task arith only"
     if args.model != "tiny" and args.model not in PRESETS and not os.path.isdir(args.model) \
@@ -152,7 +157,7 @@ def validate(args: Args) -> Optional[str]:
         return f"--model {args.model!r} is not a preset ({', '.join(PRESETS)}, tiny), a local folder or a Hub id"
     for name in ("k", "iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
                  "mini_batch", "micro_batch", "eval_samples", "save_every", "eval_every", "max_states"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
     if args.lora_rank < 0 or (args.lora_alpha is not None and (args.lora_alpha <= 0 or args.lora_rank == 0)):
         return "--lora-rank must be >= 0, and --lora-alpha > 0 and only with --lora-rank >= 1"
@@ -228,7 +233,7 @@ def load_problems(task: str, split: str, path: Optional[str] = None) -> list:
             rows = load_dataset("HuggingFaceH4/MATH-500" if split == "test" else "DigitalLearningGmbH/MATH-lighteval",
                                 split=split)
     if task == "gsm8k":
-        return [{"problem": r["question"], "solution": r["answer"], "answer": r["answer"].split("####")[-1].strip()} for r in rows]
+        return [{"problem": r["question"].strip(), "solution": r["answer"], "answer": r["answer"].split("####")[-1].strip()} for r in rows]
     return [{"problem": r["problem"], "solution": r["solution"], "answer": r.get("answer") or last_boxed(r["solution"]) or ""} for r in rows]
 
 
@@ -274,7 +279,8 @@ def _as_number(s: str) -> Optional[Decimal]:
 def grade(response: str, gold: str, task: str) -> bool:
     """Is the final answer of `response` equal to `gold` (the final answer alone)?
     arith: exact string. gsm8k: numeric equality after removing thousands separators, so "72.0" == "72"
-    (NOTE: the authors compare strings exactly; numeric equality forgives formatting only).
+    (NOTE: the authors compare strings, after removing commas and lower-casing; numeric equality forgives
+    formatting only).
     math: last \\boxed{} vs gold, mathematical equivalence by math-verify; a gold that does not parse never scores."""
     pred = extract_answer(response, task)
     if pred is None or pred == "":
@@ -308,8 +314,13 @@ def answer_key(answer: str, task: str) -> str:
 # ============================================================================ 3. Reasoning steps
 def split_steps(response: str, task: str) -> list:
     """Reasoning steps of a response (spec 3); "".join(steps) == response always.
-    State s_i = prompt + steps[:i]; VinePPO estimates V(s_i) for i = 0..n-1."""
-    steps = _split_math(response) if task == "math" else _split_lines(response)
+    State s_i = prompt + steps[:i]; VinePPO estimates V(s_i) for i = 0..n-1.
+    A stop string (and what its last token carried past it) is not a step: it joins the last step. (The authors'
+    vLLM cuts it off; here its sampled tokens stay in the response, so they need a step, but no MC state.)"""
+    cut = min([i for i in (response.find(s) for s in STOP_STRINGS) if i >= 0], default=len(response))
+    body = response[:cut]
+    steps = (_split_math(body) if task == "math" else _split_lines(body)) or [""]
+    steps[-1] += response[cut:]
     assert "".join(steps) == response
     return steps
 
@@ -531,13 +542,14 @@ def without_dropout(model):
     configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "to_dict")}
     for config in configs.values():   # the model's, and any sub-model's (a critic's backbone, a text config)
         for key, value in vars(config).items():
-            if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
+            if isinstance(value, float) and ("dropout" in key or "pdrop" in key or "layerdrop" in key):
                 setattr(config, key, 0.0)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):   # Llama-style attention reads a float
-            m.attention_dropout = 0.0
+        for key, value in vars(m).items():   # rates copied into plain floats: Llama's attention_dropout, OPT's
+            if isinstance(value, float) and ("dropout" in key or "pdrop" in key or "layerdrop" in key):
+                setattr(m, key, 0.0)         # dropout and layerdrop, GPTBigCode's attn_pdrop ...
     return model
 
 
@@ -584,11 +596,16 @@ def generate(model, tokenizer, prefixes: list, k: int, max_new_tokens, temperatu
     per prefix) new tokens each. Returns (tokens, finished) as
     kernels.sample_continuations does: prefix sharing, batched decoding, per-row stopping."""
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+    # NOTE: a prefix near the end of the model's positions gets what they leave, as the authors' vLLM does
+    # (RhoMath: 2048 positions, so a MATH prompt over 1024 tokens); a response cut there is unfinished: reward 0
+    limit = kernels.max_positions(model.config) or float("inf")
+    budgets = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prefixes)
+    budgets = [max(0, min(b, limit - len(p))) for b, p in zip(budgets, prefixes)]
     model.eval()
     # On a GPU the sampler draws from bf16 logits (autocast), as the authors' vLLM does; PPO's old log-probs
     # come from the training forward (token_logprobs), never from the sampler, as with vLLM.
     with torch.no_grad(), autocast(model.device):
-        return kernels.sample_continuations(model, prefixes, k, max_new_tokens, temperature=temperature, top_p=top_p,
+        return kernels.sample_continuations(model, prefixes, k, budgets, temperature=temperature, top_p=top_p,
                                             stop=(tokenizer, STOP_STRINGS), eos_token_ids=sorted(e for e in eos if e is not None),
                                             show_progress=True, desc=desc)
 
@@ -678,7 +695,7 @@ def vine_values(model, tokenizer, episodes: list, args: Args, task: str):
     states_of = []                               # per episode: index of each of its states among the unique ones
     for e in episodes:
         states_of.append([])
-        for i in range(min(len(e.steps), args.max_states)):   # spec 3: the first 25 states only
+        for i in range(min(len(e.steps), args.max_states or len(e.steps))):   # spec 3: GSM8K's first 25 only
             prefix = e.prompt_ids + e.response_ids[:e.step_starts[i]]
             if tuple(prefix) not in state_index:
                 state_index[tuple(prefix)] = len(prefixes)
@@ -872,12 +889,12 @@ def evaluate(model, tokenizer, problems: list, args: Args, task: str) -> dict:
     """Spec 8: N samples per test problem at T = 0.35, top_p 0.9: mean accuracy (pass@1 estimate),
     pass@N, majority@N; and greedy accuracy."""
     prompts = [encode_prompt(tokenizer, p["problem"], task) for p in problems]
-    greedy, _ = generate(model, tokenizer, prompts, 1, args.max_new_tokens, 0.0, 1.0, desc="eval greedy")
+    greedy, greedy_done = generate(model, tokenizer, prompts, 1, args.max_new_tokens, 0.0, 1.0, desc="eval greedy")
     sampled, done = generate(model, tokenizer, prompts, args.eval_samples, args.max_new_tokens, args.eval_temperature,
                              args.top_p, desc="eval sampled")
     acc, pass_n, maj_n, greedy_acc, all_texts = [], [], [], [], []
-    for p, g, conts, fin in zip(problems, greedy, sampled, done):
-        greedy_acc.append(grade(decode(tokenizer, g[0]), p["answer"], task))
+    for p, g, g_done, conts, fin in zip(problems, greedy, greedy_done, sampled, done):
+        greedy_acc.append(g_done[0] and grade(decode(tokenizer, g[0]), p["answer"], task))   # cut at the cap: 0
         decoded = [decode(tokenizer, c) for c in conts]
         all_texts += decoded
         texts = [t for t, f in zip(decoded, fin) if f]
@@ -951,7 +968,7 @@ def value_analysis(policy, tokenizer, rows: list, args: Args, task: str, critic=
         # 1. states s_i = prompt + first i steps of sampled responses
         states, where = [], []     # (prompt_ids, written_ids, gold), (i, n)
         for e in sample_episodes(policy, tokenizer, rows[:n_states], dataclasses.replace(args, samples_per_prompt=1), task):
-            for i in range(min(len(e.steps), args.max_states)):
+            for i in range(min(len(e.steps), args.max_states or len(e.steps))):
                 states.append((e.prompt_ids, e.response_ids[:e.step_starts[i]], e.gold)); where.append((i, len(e.steps)))
         states, where = states[:n_states], where[:n_states]
         # 2. alternative next steps: continue from s_i, cut after the first step that starts past `written`
@@ -1098,6 +1115,40 @@ def find_checkpoint(out: str) -> Optional[str]:
     return None
 
 
+def fit_positions(rows: list, tokenizer, model, args: Args, task: str) -> list:
+    """NOTE: training problems whose prompt leaves less than half of --max-new-tokens before the end of the
+    model's positions are dropped (the authors drop MATH questions over 1512 tokens for a 2048-position model)."""
+    limit = kernels.max_positions(model.config)
+    room = None if limit is None else limit - max(1, args.max_new_tokens // 2)   # most prompt tokens a problem may have
+    if room is None or not rows or room >= 4 * max(len(format_prompt(r["problem"], task)) for r in rows) + 8:
+        return rows   # at most 4 tokens per character (UTF-8 bytes) + special tokens: every prompt fits, none encoded
+    kept = [r for r in rows if len(encode_prompt(tokenizer, r["problem"], task)) <= room]
+    if len(kept) < len(rows):
+        print(f"{len(rows) - len(kept)} of {len(rows)} training problems dropped: their prompts leave fewer than "
+              f"{max(1, args.max_new_tokens // 2)} of the model's {limit} positions", file=sys.stderr)
+    assert kept, f"no training problem fits the model's {limit} positions with --max-new-tokens {args.max_new_tokens}"
+    return kept
+
+
+RUN_DEFINING = ("resolved_model", "task", "advantage", "train_file", "seed", "k", "max_states", "max_new_tokens",
+                "prompts_per_iteration", "samples_per_prompt")   # (--lora-rank: load_policy checks the checkpoint)
+
+
+def check_resume(args: Args, source: str) -> None:
+    """A resumed run must be the run it continues: the flags that decide its data, its episodes and its method
+    must equal those in its config.json (a default that changed since would otherwise change them silently)."""
+    path = os.path.join(args.out, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    now = dataclasses.asdict(args) | {"resolved_model": source}
+    changed = [f"{key} {saved[key]!r} -> {now[key]!r}" for key in RUN_DEFINING if key in saved and saved[key] != now[key]]
+    if changed:
+        raise SystemExit(f"vineppo.py: error: --resume with other settings than the run in {args.out}: "
+                         + ", ".join(changed) + " (give the run's own flags, or a new --out)")
+
+
 def log_metrics(out: str, record: dict) -> None:
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -1114,6 +1165,8 @@ def train(args: Args) -> list:
     ckpt = find_checkpoint(args.out) if args.resume else None
     if args.resume and ckpt is None:
         print(f"no checkpoint in {args.out}: starting from scratch", file=sys.stderr)
+    if ckpt is not None:
+        check_resume(args, source)
     if ckpt is None:
         shutil.rmtree(os.path.join(args.out, "ckpt"), ignore_errors=True)
         open(os.path.join(args.out, "metrics.jsonl"), "w").close()
@@ -1124,7 +1177,7 @@ def train(args: Args) -> list:
 
     policy, tokenizer = load_policy(ckpt or source, device, args)
     reference = load_reference(source, device) if args.lora_rank == 0 else None   # LoRA: the policy's frozen base
-    train_rows = load_problems(task, "train", args.train_file)
+    train_rows = fit_positions(load_problems(task, "train", args.train_file), tokenizer, policy, args, task)
     test_rows = load_problems(task, "test", args.test_file)[:args.eval_problems]
     episodes_per_iter = args.prompts_per_iteration * args.samples_per_prompt
     total_steps = args.iterations * args.epochs * math.ceil(episodes_per_iter / args.mini_batch)

@@ -187,7 +187,8 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
         repeats = [run_ours(model, states, K, T) for _ in range(max(1, args.repeats))]
         ours = sorted(repeats, key=lambda r: r["seconds"])[(len(repeats) - 1) // 2]  # the median run (lower)
         st = ours["stats"]
-        roof_s = (st["steps"] * weight_bytes + st["kv_read_tokens"] * kv_tok) / (bw * 1e9)
+        # the bytes a run's decode steps must read (weights once per step, KV as attended) at the copy bandwidth
+        roof_s = lambda s: (s["steps"] * weight_bytes + s["kv_read_tokens"] * kv_tok) / (bw * 1e9)  # noqa: E731
         rows = [("ours", ours, len(states))]
         if args.sort_row:  # the same work with the torch top-p draw (a sort) in place of the Triton kernel
             ks.SAMPLER_TOP_P_KERNEL = False
@@ -195,6 +196,20 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
                 rows.append(("ours, sort top-p", run_ours(model, states, K, T), len(states)))
             finally:
                 ks.SAMPLER_TOP_P_KERNEL = True
+        reports = []   # printed under the table
+        for fraction in args.memory_fraction:  # bigger batches: fewer of them, fewer reads of the weights
+            old_fraction, ks.SAMPLER_MEMORY_FRACTION = ks.SAMPLER_MEMORY_FRACTION, fraction
+            try:
+                r = run_ours(model, states, K, T)
+                rows.append((f"ours, memory {fraction:g}", r, len(states)))
+                reports.append(f"{label:<16}ours, memory {fraction:g}: {r['stats']['batches']} batches, "
+                               f"{r['stats']['oom_retries']} OOM retries, {r['stats']['steps']} decode steps")
+            except torch.cuda.OutOfMemoryError as e:
+                reports.append(f"{label:<16}ours, memory {fraction:g}: out of memory ({e!r})"[:200])
+            finally:
+                ks.SAMPLER_MEMORY_FRACTION = old_fraction
+                if device == "cuda":
+                    torch.cuda.empty_cache()
         if args.greedy_row:  # the same work drawn greedily: the difference is what sampling costs
             rows.append(("ours, greedy", run_ours(model, states, K, T, temperature=0.0), len(states)))
         eager = None
@@ -212,13 +227,14 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
         for method, r, n in rows:
             rate = r["new"] / r["seconds"]
             vs_eager = f"{rate / (eager['new'] / eager['seconds']):>8.1f}x" if eager else f"{'-':>9}"
-            roof = f"{roof_s / r['seconds']:>9.0%}" if method.startswith("ours") else ""
+            roof = f"{roof_s(r['stats']) / r['seconds']:>9.0%}" if method.startswith("ours") else ""
             print(f"{label:<16}{method:<18}{n:>7}{n * K:>7}{r['seconds']:>8.1f}{rate:>11.0f}{vs_eager}{roof}")
         if eager:
             per_state = (eager["prefill"] / len(gstates)) / (ours["prefill"] / len(states))
             print(f"{label:<16}prefill tokens: ours {ours['prefill']} for {len(states)} states, generate "
                   f"{eager['prefill']} for {len(gstates)} ({per_state:.0f}x more per state)")
         print(f"{label:<16}ours: {st['batches']} batches, {st['oom_retries']} OOM retries, {st['steps']} decode steps")
+        print("".join(line + "\n" for line in reports), end="")
         if len(repeats) > 1:
             print(f"{label:<16}ours, {len(repeats)} runs (the row above is the median), new tok/s: "
                   + ", ".join(f"{r['new'] / r['seconds']:.0f}" for r in repeats))
@@ -342,6 +358,9 @@ def main():
                     help="GPU: profile 16 of our decode steps: device time by category and the top kernels")
     ap.add_argument("--sort-row", action="store_true",
                     help="GPU: also time ours drawing top-p with the torch sort instead of the Triton kernel")
+    ap.add_argument("--memory-fraction", type=float, nargs="*", default=[],
+                    help="GPU: also time ours with batches sized to these shares of the free memory (the sampler's "
+                         "kernels.SAMPLER_MEMORY_FRACTION is 0.7)")
     ap.add_argument("--compile-baseline", action="store_true",
                     help="GPU: let generate torch.compile its static-cache forward (slow to compile)")
     args = ap.parse_args()

@@ -57,7 +57,7 @@ def run_all(opts, extra: list) -> None:
                 continue
             cmd = [sys.executable, os.path.join(ROOT, "vineppo.py"), "--advantage", method, "--seed", str(seed),
                    "--out", run, "--iterations", str(opts.iterations), "--eval-every", str(opts.eval_every),
-                   "--resume", *extra]
+                   "--resume", *([] if "--task" in extra else ["--task", "arith"]), *extra]   # the built-in task
             os.makedirs(run, exist_ok=True)
             log = open(f"{run}.log", "a")
             print(f"{time.strftime('%H:%M:%S')} start {method} seed {seed}: {' '.join(cmd[1:])}", flush=True)

@@ -26,7 +26,7 @@ DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() and os.environ["TRITON_IN
 ASCII = "".join(chr(c) for c in range(32, 127)) + "\n"
 
 
-def save_random_model(folder, arch="llama", alphabet=ASCII, seed=0, layers=2, width=64):
+def save_random_model(folder, arch="llama", alphabet=ASCII, seed=0, layers=2, width=64, positions=512):
     """A randomly initialised small model of a real architecture with a character tokenizer, saved
     like a Hub checkpoint: what `--model <folder>` loads on this offline machine."""
     import torch
@@ -39,12 +39,12 @@ def save_random_model(folder, arch="llama", alphabet=ASCII, seed=0, layers=2, wi
     torch.manual_seed(seed)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common))
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions, **common))
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common))
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions, **common))
     else:
-        model = GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=layers, n_head=4, n_positions=512, **common))
+        model = GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=layers, n_head=4, n_positions=positions, **common))
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)

@@ -500,15 +500,19 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     from benchmarks import bench_sampler
     tiny = ("tiny", dict(layers=1, d=64, heads=4, kv_heads=2, vocab=64, inter=128, max_pos=128), 1, 2, 2)
     args = types.SimpleNamespace(new_tokens=3, compile_baseline=False, no_generate=False, greedy_row=True,
-                                 sort_row=True, profile=True, repeats=2)
+                                 sort_row=True, profile=True, repeats=2, memory_fraction=[0.9])
     with torch.no_grad():
         bench_sampler.gpu_rows(args, device="cpu", configs=[tiny], shape=(8, 16, 4), K=2, dtype=torch.float32)
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("tiny")]
-    assert [r[1:3] for r in rows[:5]] == [["ours", "25"], ["ours,", "sort"], ["ours,", "greedy"], ["generate", "eager"],
-                                          ["generate", "static"]]
-    assert rows[0][2:4] == ["25", "50"] and rows[1][4:6] == rows[2][3:5] == ["25", "50"]  # 1 + 8 x 3 states, K=2
-    assert ks.SAMPLER_TOP_P_KERNEL, "the sort row restores the kernel draw"
+    table = rows[:6]
+    assert [r[1:3] for r in table] == [["ours", "25"], ["ours,", "sort"], ["ours,", "memory"], ["ours,", "greedy"],
+                                           ["generate", "eager"], ["generate", "static"]]
+    # 1 + 8 x 3 states, K=2
+    assert table[0][2:4] == ["25", "50"] and table[1][4:6] == table[2][4:6] == table[3][3:5] == ["25", "50"]
+    # (on the CPU the batch budget is a fixed 1 GiB, not a share of free memory: this covers the row's code path)
+    assert "ours, memory 0.9: 1 batches, 0 OOM retries, 3 decode steps" in out
+    assert ks.SAMPLER_TOP_P_KERNEL and ks.SAMPLER_MEMORY_FRACTION == 0.7, "the extra rows restore the defaults"
     prof = out[out.index("profile: 50 rows, 16 decode steps"):].splitlines()
     spent = {line[18:58].strip(): float(line[58:].split()[0]) for line in prof[1:5]}
     assert list(spent)[0] == "matmul" and spent["matmul"] > 0 and prof[5].strip().startswith("top ")

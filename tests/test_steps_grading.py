@@ -28,6 +28,20 @@ def test_gsm8k_steps_one_per_line_answer_glued_to_last():
     ]
 
 
+@pytest.mark.parametrize("task", ["gsm8k", "math"])
+def test_stop_string_joins_the_last_step(task):
+    """The sampler keeps the tokens up to the one completing "\n\n\nProblem:" (that token may carry more): they
+    belong to the answer's step, not to a step of their own, which would cost an MC state and take R - V."""
+    answer = "#### 5" if task == "gsm8k" else "So the answer is $\\boxed{5}$."
+    body = "We add the two numbers first.\nThen we carry the one.\n" + answer
+    steps = vp.split_steps(body, task)
+    assert len(steps) >= 2
+    # the last: more than the MATH splitter's 20 characters, which it would otherwise keep as a step of their own
+    for tail in ("\n\n\nProblem:", "\n\n\nProblem: A", "\n\n\nProblem: Tom has three apples and"):
+        assert vp.split_steps(body + tail, task) == steps[:-1] + [steps[-1] + tail]
+    assert vp.split_steps("\n\n\nProblem:", task) == ["\n\n\nProblem:"]
+
+
 def test_line_steps_blank_lines_join_previous_step():
     assert vp.split_steps("a\n\nb\n#### 3", "arith") == ["a\n\n", "b\n#### 3"]
     assert vp.split_steps("", "arith") == [""]
@@ -198,6 +212,17 @@ def test_evaluate_majority_votes_by_equivalence(task, gold, answers, expected, m
     assert out[f"eval/maj@{len(texts)}"] == float(expected["maj"])
     assert out[f"eval/pass@{len(texts)}"] == 1.0
     assert out["eval/greedy_accuracy"] == float(expected["greedy"])   # greedy decodes to the first answer
+
+
+def test_evaluate_greedy_cut_at_the_cap_scores_zero(monkeypatch):
+    """A greedy answer that hit the length cap is wrong even where its text holds the right answer, as for samples."""
+    for greedy_done, expected in ((True, 1.0), (False, 0.0)):
+        monkeypatch.setattr(vp, "generate", lambda model, tok, prompts, k, *a, **kw: (
+            [[[0]] * k for _ in prompts], [[greedy_done if k == 1 else True] * k for _ in prompts]))
+        monkeypatch.setattr(vp, "decode", lambda tokenizer, ids: "#### 72")
+        monkeypatch.setattr(vp, "encode_prompt", lambda tokenizer, problem, task: [1])
+        out = vp.evaluate(None, None, [{"problem": "p", "answer": "72"}], vp.parse_args(["--eval-samples", "2"]), "gsm8k")
+        assert out["eval/greedy_accuracy"] == expected and out["eval/accuracy"] == 1.0
 
 
 def test_last_boxed_nested_braces():

@@ -147,28 +147,33 @@ def test_real_model_path_math_jsonl(tmp_path, arch, advantage, lora, device):
     assert 0 < records[-1]["update/grad_norm"] < float("inf")
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "falcon"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "falcon", "opt"])
 def test_policy_and_critic_have_no_dropout(tmp_path, arch):
     """PPO's ratio starts at 1 only if the update's train-mode forward equals the eval-mode forward that gave the
     old log-probs: dropout is off in the policy and the critic (GPT-2 defaults to 0.1; Llama's attention here 0.5;
     Falcon reads its rates from the config at every forward, through no Dropout module)."""
     import torch
-    from transformers import AutoConfig, FalconConfig, FalconForCausalLM
-    if arch == "falcon":
+    from transformers import AutoConfig, FalconConfig, FalconForCausalLM, OPTConfig, OPTForCausalLM
+    if arch in ("falcon", "opt"):   # OPT copies its rates into plain floats on its layers, and has layerdrop
         folder = save_random_model(tmp_path / arch, "llama")   # for its tokenizer
-        tok_config = AutoConfig.from_pretrained(folder)
+        c = AutoConfig.from_pretrained(folder)
+        ids = dict(vocab_size=c.vocab_size, pad_token_id=c.pad_token_id, eos_token_id=c.eos_token_id, bos_token_id=None)
         torch.manual_seed(0)
-        FalconForCausalLM(FalconConfig(vocab_size=tok_config.vocab_size, hidden_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, hidden_dropout=0.5, attention_dropout=0.5,
-                                       pad_token_id=tok_config.pad_token_id, eos_token_id=tok_config.eos_token_id,
-                                       bos_token_id=None)).save_pretrained(folder)
+        if arch == "falcon":
+            model = FalconForCausalLM(FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                   hidden_dropout=0.5, attention_dropout=0.5, **ids))
+        else:
+            model = OPTForCausalLM(OPTConfig(hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, num_hidden_layers=2,
+                                             num_attention_heads=4, dropout=0.5, attention_dropout=0.5,
+                                             layerdrop=0.5, **ids))
+        model.save_pretrained(folder)
     else:
         folder = save_random_model(tmp_path / arch, arch)
     if arch == "llama":
         config = AutoConfig.from_pretrained(folder)
         config.attention_dropout = 0.5
         config.save_pretrained(folder)
-    rates = ("resid_pdrop", "attention_dropout", "hidden_dropout")
+    rates = ("resid_pdrop", "attention_dropout", "hidden_dropout", "dropout")
     assert max(getattr(AutoConfig.from_pretrained(folder), a, 0.0) for a in rates) > 0
     args = vp.parse_args(["--model", folder, "--task", "gsm8k"])
     policy, _ = vp.load_policy(folder, torch.device("cpu"), args)
@@ -187,6 +192,7 @@ def test_policy_and_critic_have_no_dropout(tmp_path, arch):
     (["--model", "no-such-preset"], "is not a preset"),
     (["--advantage", "magic"], "unknown --advantage"),
     (["--model", "tiny", "--task", "gsm8k"], "runs --task arith only"),
+    (["--model", "rho-math-1.1b", "--task", "arith"], "has SFT checkpoints for --task gsm8k and math only"),
     (["--advantage", "grpo", "--samples-per-prompt", "1"], "needs --samples-per-prompt >= 2"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--temperature", "0"], "--temperature > 0"),
@@ -207,3 +213,56 @@ def test_invalid_flag_from_the_command_line():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--k must be >= 1" in lines[0] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv,task,iterations,model", [
+    ([], "arith", 30, None),   # the demo
+    (["--model", "rho-math-1.1b", "--k", "9"], "gsm8k", 650, "realtreetune/rho-1b-sft-GSM8K"),   # the README's line
+    (["--model", "deepseekmath-7b", "--task", "math"], "math", 1000, "realtreetune/deepseekmath-7b-sft-MATH-v2"),
+    (["--model", "someone/any-model"], "gsm8k", 650, "someone/any-model"),
+])
+def test_task_defaults_to_gsm8k_for_real_models(argv, task, iterations, model):
+    """`python vineppo.py --model rho-math-1.1b --k 9` is GSM8K with the paper's settings; no --model is the demo."""
+    args = vp.parse_args(argv)
+    assert (args.task, args.iterations, args.k) == (task, iterations, 4 if not argv else 9)
+    assert args.max_states == (25 if task == "gsm8k" else None)   # the authors cap GSM8K's MC states only
+    if model is not None:   # the demo's resolve_model trains or loads the tiny SFT model: not here
+        assert vp.resolve_model(args) == model
+
+
+def test_prompts_near_the_position_limit_get_what_is_left(tmp_path):
+    """A prefix's budget is cut to the model's positions (no assert mid-run, as a long MATH prompt on RhoMath's 2048
+    positions would hit), and training problems whose prompt leaves less than half the cap are dropped."""
+    import torch
+    folder = save_random_model(tmp_path / "m", "gpt2", positions=40)   # learned positions: none past 40
+    args = vp.parse_args(["--model", folder, "--max-new-tokens", "20"])
+    model, tok = vp.load_policy(folder, torch.device("cpu"), args)
+    prefixes = [list(range(3, 33)), list(range(3, 13)), list(range(3, 43))]   # 30, 10 and 42 tokens
+    tokens, finished = vp.generate(model, tok, prefixes, 4, 20, 1.0, 1.0, desc="t")
+    assert all(len(t) == 10 or f for t, f in zip(tokens[0], finished[0]))   # 40 - 30 positions left
+    assert all(len(t) == 20 or f for t, f in zip(tokens[1], finished[1]))   # room for all 20: the cap binds
+    assert tokens[2] == [[]] * 4 and finished[2] == [False] * 4               # no room: empty and unfinished
+    # the character tokenizer: a token per character; room for 40 - 20 // 2 = 30 prompt tokens
+    rows = [{"problem": "x" * n, "answer": "1"} for n in (5, 25, 40)]
+    lengths = [len(vp.encode_prompt(tok, r["problem"], "arith")) for r in rows]   # the template adds "\n"
+    kept = vp.fit_positions(rows, tok, model, args, "arith")
+    assert kept == [r for r, n in zip(rows, lengths) if n <= 30] and 0 < len(kept) < len(rows)
+    args.max_new_tokens = 2   # room 39 >= 4 x 6 characters + 8 for the shortest row alone: nothing to encode
+    assert vp.fit_positions(rows[:1], None, model, args, "arith") == rows[:1]
+
+
+def test_resume_refuses_other_run_defining_settings(tmp_path):
+    """--resume continues the run in --out only with the settings it was started with: a changed default (here
+    --max-states, 25 for every task before it became GSM8K-only) must not silently change the rest of the run."""
+    import dataclasses
+    args = vp.parse_args(["--model", "someone/any-model", "--task", "math", "--out", str(tmp_path)])
+    saved = dataclasses.asdict(args) | {"resolved_model": "someone/any-model"}
+    vp.check_resume(args, "someone/any-model")   # no config.json: nothing to compare
+    for key, value in (("max_states", 25), ("max_new_tokens", 512), ("task", "gsm8k")):
+        with open(tmp_path / "config.json", "w") as f:
+            json.dump(saved | {key: value}, f)
+        with pytest.raises(SystemExit, match=f"--resume with other settings .*: {key} {value!r} -> "):
+            vp.check_resume(args, "someone/any-model")
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(saved | {"iterations": 5, "eval_every": 1}, f)   # a longer run, other evaluations: allowed
+    vp.check_resume(args, "someone/any-model")

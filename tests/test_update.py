@@ -129,7 +129,7 @@ def test_generate_stops_on_the_tokenizers_and_the_models_eos(config_eos, expecte
     monkeypatch.setattr(vp.kernels, "sample_continuations",
                         lambda model, prefixes, k, budget, **kw: seen.update(kw) or ([[[]] * k] * len(prefixes),) * 2)
     model = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=config_eos),
-                                  eval=lambda: None, device=torch.device("cpu"))
+                                  eval=lambda: None, device=torch.device("cpu"), config=types.SimpleNamespace())
     tok = types.SimpleNamespace(eos_token_id=2)
     vp.generate(model, tok, [[1, 2, 3]], 2, 8, 0.6, 0.9, desc="test")
     assert seen["eos_token_ids"] == expected and seen["stop"] == (tok, vp.STOP_STRINGS)
