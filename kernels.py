@@ -1598,7 +1598,7 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
         return [[[] for _ in range(k)] for _ in range(n)], [[False] * k for _ in range(n)]
     assert all(len(p) > 0 for p in prefixes), "every prefix needs at least one token (e.g. BOS)"
     limit = max_positions(model.config)
-    longest = max(range(n), key=lambda i: len(prefixes[i]) + budgets[i])
+    longest = max((i for i in range(n) if budgets[i] > 0), key=lambda i: len(prefixes[i]) + budgets[i])  # decoded
     assert limit is None or len(prefixes[longest]) + budgets[longest] <= limit, (
         f"prefix ({len(prefixes[longest])} tokens) + max_new_tokens ({budgets[longest]}) exceeds the model's {limit} positions")
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

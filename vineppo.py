@@ -159,6 +159,8 @@ def validate(args: Args) -> Optional[str]:
                  "mini_batch", "micro_batch", "eval_samples", "save_every", "eval_every", "max_states"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
+    if args.eval_problems is not None and args.eval_problems < 1:
+        return f"--eval-problems must be >= 1 (got {args.eval_problems})"
     if args.lora_rank < 0 or (args.lora_alpha is not None and (args.lora_alpha <= 0 or args.lora_rank == 0)):
         return "--lora-rank must be >= 0, and --lora-alpha > 0 and only with --lora-rank >= 1"
     if args.advantage in ("grpo", "rloo") and args.samples_per_prompt < 2:
@@ -232,9 +234,21 @@ def load_problems(task: str, split: str, path: Optional[str] = None) -> list:
         else:  # MATH: a maintained copy of the train split; MATH500 for test (spec 8)
             rows = load_dataset("HuggingFaceH4/MATH-500" if split == "test" else "DigitalLearningGmbH/MATH-lighteval",
                                 split=split)
+    fields = ("question", "answer") if task == "gsm8k" else ("problem", "solution")
+    if len(rows) and not all(f in rows[0] for f in fields):
+        raise SystemExit(f"vineppo.py: error: {path or task} ({split}): --task {task} rows have the fields {fields}")
     if task == "gsm8k":
-        return [{"problem": r["question"].strip(), "solution": r["answer"], "answer": r["answer"].split("####")[-1].strip()} for r in rows]
-    return [{"problem": r["problem"], "solution": r["solution"], "answer": r.get("answer") or last_boxed(r["solution"]) or ""} for r in rows]
+        out = [{"problem": r["question"].strip(), "solution": r["answer"], "answer": r["answer"].split("####")[-1].strip()}
+               for r in rows if "####" in r["answer"]]
+    else:
+        out = [{"problem": r["problem"], "solution": r["solution"], "answer": r.get("answer") or last_boxed(r["solution"])}
+               for r in rows]
+    out = [r for r in out if r["answer"]]   # a problem without a gold answer could only ever score 0
+    if len(out) < len(rows):
+        where = "no ####" if task == "gsm8k" else "no \\boxed{}"
+        print(f"{path or task} ({split}): {len(rows) - len(out)} of {len(rows)} problems have no final answer "
+              f"({where}): left out", file=sys.stderr)
+    return out
 
 
 def last_boxed(text: str) -> Optional[str]:
@@ -273,7 +287,8 @@ def _as_number(s: str) -> Optional[Decimal]:
         d = Decimal(s.replace(",", "").replace("$", "").replace(" ", "").rstrip("."))
     except InvalidOperation:
         return None
-    return d if d.is_finite() else None   # "NaN" / "Infinity" are not answers ("sNaN" would raise on ==)
+    # "NaN" / "Infinity" are not answers ("sNaN" would raise on ==), nor is 1e9999999999 (normalize() overflows)
+    return d if d.is_finite() and abs(d.adjusted()) < 1000 else None
 
 
 def grade(response: str, gold: str, task: str) -> bool:
@@ -303,7 +318,7 @@ def answer_key(answer: str, task: str) -> str:
     "\\frac12", "1/2" and "0.5" do; arith: the string)."""
     if task == "gsm8k":
         d = _as_number(answer)
-        return str(d.normalize()) if d is not None else answer.replace(",", "")
+        return ("0" if d.is_zero() else str(d.normalize())) if d is not None else answer.replace(",", "")   # -0 == 0
     if task == "math":
         from math_verify import parse
         parsed = parse(f"${answer}$")
@@ -501,7 +516,8 @@ def load_policy(path: str, device: torch.device, args: Args):
             saved = json.load(f)
     alpha = float(args.lora_alpha or 2 * args.lora_rank)
     written = (saved.get("r", 0), saved.get("lora_alpha", 0.0))     # a full fine-tuning checkpoint: rank 0
-    if os.path.isfile(os.path.join(path, "COMPLETE")) and written != (args.lora_rank, alpha):
+    # a LoRA checkpoint loads with its own rank (a full one may be the base of a new LoRA run; --resume checks it)
+    if saved and os.path.isfile(os.path.join(path, "COMPLETE")) and written != (args.lora_rank, alpha):
         raise ValueError(f"{path} was written with --lora-rank {written[0]} --lora-alpha {written[1]:g}: load it with "
                          f"the same flags (got --lora-rank {args.lora_rank} --lora-alpha {alpha:g})")
     if args.lora_rank == 0:
@@ -531,6 +547,10 @@ def load_policy(path: str, device: torch.device, args: Args):
     policy.config.use_cache = False
     without_dropout(policy)
     assert policy.get_output_embeddings().bias is None, "fused log-probs assume an lm_head without bias"
+    cfg = policy.config.get_text_config()   # the log-probs are hidden @ lm_head.T: models that rescale it are refused
+    scaled = {k: getattr(cfg, k) for k in ("logits_scaling", "logit_scale", "final_logit_softcapping")
+              if getattr(cfg, k, None) not in (None, 1, 1.0)}   # Granite, Cohere, Gemma 2
+    assert not scaled, f"fused log-probs assume logits = hidden @ lm_head.T; this model rescales them: {scaled}"
     return policy, tokenizer
 
 
@@ -969,6 +989,8 @@ def value_analysis(policy, tokenizer, rows: list, args: Args, task: str, critic=
         states, where = [], []     # (prompt_ids, written_ids, gold), (i, n)
         for e in sample_episodes(policy, tokenizer, rows[:n_states], dataclasses.replace(args, samples_per_prompt=1), task):
             for i in range(min(len(e.steps), args.max_states or len(e.steps))):
+                if len(e.prompt_ids) + e.step_starts[i] >= (kernels.max_positions(policy.config) or math.inf):
+                    continue   # at the end of the model's positions: nothing to continue, no critic read past it
                 states.append((e.prompt_ids, e.response_ids[:e.step_starts[i]], e.gold)); where.append((i, len(e.steps)))
         states, where = states[:n_states], where[:n_states]
         # 2. alternative next steps: continue from s_i, cut after the first step that starts past `written`
@@ -1126,12 +1148,15 @@ def fit_positions(rows: list, tokenizer, model, args: Args, task: str) -> list:
     if len(kept) < len(rows):
         print(f"{len(rows) - len(kept)} of {len(rows)} training problems dropped: their prompts leave fewer than "
               f"{max(1, args.max_new_tokens // 2)} of the model's {limit} positions", file=sys.stderr)
-    assert kept, f"no training problem fits the model's {limit} positions with --max-new-tokens {args.max_new_tokens}"
+    if not kept:
+        raise SystemExit(f"vineppo.py: error: no training problem fits the model's {limit} positions with "
+                         f"--max-new-tokens {args.max_new_tokens}")
     return kept
 
 
 RUN_DEFINING = ("resolved_model", "task", "advantage", "train_file", "seed", "k", "max_states", "max_new_tokens",
-                "prompts_per_iteration", "samples_per_prompt")   # (--lora-rank: load_policy checks the checkpoint)
+                "prompts_per_iteration", "samples_per_prompt", "lora_rank", "lora_alpha",
+                "lr")   # the optimizer's state holds the learning rate: a changed --lr would not take effect
 
 
 def check_resume(args: Args, source: str) -> None:
@@ -1177,7 +1202,10 @@ def train(args: Args) -> list:
 
     policy, tokenizer = load_policy(ckpt or source, device, args)
     reference = load_reference(source, device) if args.lora_rank == 0 else None   # LoRA: the policy's frozen base
-    train_rows = fit_positions(load_problems(task, "train", args.train_file), tokenizer, policy, args, task)
+    train_rows = load_problems(task, "train", args.train_file)
+    if not train_rows:
+        raise SystemExit(f"vineppo.py: error: no training problems in {args.train_file or task}")
+    train_rows = fit_positions(train_rows, tokenizer, policy, args, task)
     test_rows = load_problems(task, "test", args.test_file)[:args.eval_problems]
     episodes_per_iter = args.prompts_per_iteration * args.samples_per_prompt
     total_steps = args.iterations * args.epochs * math.ceil(episodes_per_iter / args.mini_batch)
@@ -1245,7 +1273,8 @@ def train(args: Args) -> list:
         result = value_analysis(policy, tokenizer, test_rows, args, task, critic=critic, n_states=args.value_analysis)
         with open(os.path.join(args.out, "value_analysis.json"), "w") as f:
             json.dump(result, f, indent=1)
-        print("value analysis: MAE " + ", ".join(f"{m} {v:.3f}" for m, v in result["mae"].items()) + f" on {result['states']} states")
+        print("value analysis: MAE " + ", ".join(f"{m} {v:.3f}" for m, v in result["mae"].items() if v is not None)
+              + f" on {result['states']} states")
     return records
 
 

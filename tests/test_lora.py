@@ -97,6 +97,14 @@ def test_lora_starts_as_the_sft_model(lora_run):
     assert full[0] == lora[0]
     same = [k for k in full[1] if k.startswith(("train/", "mc/", "adv/"))]
     assert len(same) >= 6 and {k: full[1][k] for k in same} == {k: lora[1][k] for k in same}
+    # a full fine-tuning checkpoint may be the base of a new LoRA run (B = 0: the same model at first)
+    ckpt = vp.find_checkpoint(str(lora_run["tmp"] / "full"))
+    as_base, tokenizer = vp.load_policy(ckpt, CPU, vp.Args(lora_rank=4))
+    plain, _ = vp.load_policy(ckpt, CPU, vp.Args())
+    ids = torch.tensor([_episodes(tokenizer)[0].prompt_ids])
+    with torch.no_grad():
+        assert torch.equal(as_base(input_ids=ids).logits, plain(input_ids=ids).logits)
+    assert sum(p.requires_grad for p in as_base.parameters()) == len(lora_params(as_base)) > 0
 
 
 def _episodes(tokenizer):
@@ -153,7 +161,7 @@ def test_resume_is_bit_exact(lora_run, monkeypatch, capsys):
     assert "at iteration 1" in capsys.readouterr().err   # from the checkpoint, not from scratch
     assert without_times(resumed) == without_times(lora_run["records"])
     assert without_times(read_metrics(lora_run["tmp"] / "b")) == without_times(read_metrics(lora_run["tmp"] / "a"))
-    with pytest.raises(ValueError, match="was written with --lora-rank 4"):   # a LoRA run resumed without LoRA
+    with pytest.raises(SystemExit, match="lora_rank 4 -> 0"):   # a LoRA run resumed without LoRA
         vp.train(vp.parse_args(flags[:-2] + ["--resume"]))
 
 

@@ -471,6 +471,10 @@ def test_edge_cases_and_length_assert():
     assert ks.sample_continuations(model, [], k=2, max_new_tokens=4) == ([], [])
     with pytest.raises(AssertionError, match="positions"):
         ks.sample_continuations(model, [[1] * 100], k=1, max_new_tokens=29)
+    # a prefix past the positions with no budget is not decoded, so it does not trip the assert (vineppo.generate
+    # gives a test prompt longer than the model's positions budget 0)
+    toks, fin = ks.sample_continuations(model, [[1] * 200, [1, 2]], k=1, max_new_tokens=[0, 2], temperature=0)
+    assert toks == [[[]], [_hf_greedy(model, [1, 2], 2)]] and fin == [[False], [False]]
 
 
 @pytest.mark.parametrize("device", DEVICES)

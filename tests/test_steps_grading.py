@@ -186,6 +186,14 @@ def test_grade(response, gold, task, expected):
     assert vp.grade(response, gold, task) is expected
 
 
+def test_vote_keys_of_numbers_that_grade_equal_or_overflow():
+    """maj@N's key follows grade(): -0 and 0 are one answer; an exponent that Decimal cannot normalise is no number
+    (it raised decimal.Overflow in the vote)."""
+    assert vp.answer_key("-0", "gsm8k") == vp.answer_key("0.00", "gsm8k") == "0" and vp.grade("#### -0", "0", "gsm8k")
+    assert vp.answer_key("1e9999999999", "gsm8k") == "1e9999999999" and not vp.grade("#### 1e9999999999", "1", "gsm8k")
+    assert vp.answer_key("7.2e1", "gsm8k") == vp.answer_key("72", "gsm8k") == "72"
+
+
 @pytest.mark.parametrize("task,gold,answers,expected", [
     # three ways of writing the right answer against two votes for a wrong one: by strings the wrong one wins
     ("gsm8k", "72", ["72", "5", "72.0", "5", "72.00"], dict(acc=3 / 6, maj=True, greedy=True)),

@@ -193,6 +193,7 @@ def test_policy_and_critic_have_no_dropout(tmp_path, arch):
     (["--advantage", "magic"], "unknown --advantage"),
     (["--model", "tiny", "--task", "gsm8k"], "runs --task arith only"),
     (["--model", "rho-math-1.1b", "--task", "arith"], "has SFT checkpoints for --task gsm8k and math only"),
+    (["--eval-problems", "0"], "--eval-problems must be >= 1"),
     (["--advantage", "grpo", "--samples-per-prompt", "1"], "needs --samples-per-prompt >= 2"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--temperature", "0"], "--temperature > 0"),
@@ -258,7 +259,7 @@ def test_resume_refuses_other_run_defining_settings(tmp_path):
     args = vp.parse_args(["--model", "someone/any-model", "--task", "math", "--out", str(tmp_path)])
     saved = dataclasses.asdict(args) | {"resolved_model": "someone/any-model"}
     vp.check_resume(args, "someone/any-model")   # no config.json: nothing to compare
-    for key, value in (("max_states", 25), ("max_new_tokens", 512), ("task", "gsm8k")):
+    for key, value in (("max_states", 25), ("max_new_tokens", 512), ("task", "gsm8k"), ("lr", 0.01)):
         with open(tmp_path / "config.json", "w") as f:
             json.dump(saved | {key: value}, f)
         with pytest.raises(SystemExit, match=f"--resume with other settings .*: {key} {value!r} -> "):
@@ -266,3 +267,40 @@ def test_resume_refuses_other_run_defining_settings(tmp_path):
     with open(tmp_path / "config.json", "w") as f:
         json.dump(saved | {"iterations": 5, "eval_every": 1}, f)   # a longer run, other evaluations: allowed
     vp.check_resume(args, "someone/any-model")
+
+
+def test_data_without_answers_or_in_the_wrong_format(tmp_path, capsys):
+    """Problems without a gold answer (GSM8K: no ####; MATH: no \\boxed) could only score 0: they are left out,
+    with a note; a file in another task's format, or with no usable problem, ends the run with a one-line error."""
+    gsm = write_jsonl(tmp_path / "g.jsonl", [{"question": " Tom has 3. ", "answer": "3\n#### 3"},
+                                              {"question": "q", "answer": "no final line"}])
+    math_rows = write_jsonl(tmp_path / "m.jsonl", [{"problem": "p", "solution": "so 2"},
+                                                   {"problem": "q", "solution": "so $\\boxed{2}$"}])
+    assert vp.load_problems("gsm8k", "train", gsm) == [{"problem": "Tom has 3.", "solution": "3\n#### 3", "answer": "3"}]
+    assert [r["answer"] for r in vp.load_problems("math", "train", math_rows)] == ["2"]
+    assert "1 of 2 problems have no final answer" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--task math rows have the fields"):
+        vp.load_problems("math", "test", gsm)
+    empty = write_jsonl(tmp_path / "e.jsonl", [{"question": "q", "answer": "none"}])
+    model = save_random_model(tmp_path / "m", "llama")
+    with pytest.raises(SystemExit, match="no training problems in"):
+        vp.train(vp.parse_args(["--model", model, "--train-file", empty, "--test-file", gsm, "--out", str(tmp_path / "o"),
+                                "--eval-problems", "1", "--eval-samples", "1", "--max-new-tokens", "4"]))
+
+
+@pytest.mark.parametrize("arch", ["granite", "cohere"])
+def test_models_that_rescale_their_logits_are_refused(tmp_path, arch):
+    """The log-probs of the PPO loss are hidden @ lm_head.T, where the sampler reads model(...).logits: a model that
+    rescales its logits in the forward (Granite divides them, Cohere multiplies) would train on other log-probs."""
+    import torch
+    from transformers import AutoConfig, CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
+    folder = save_random_model(tmp_path / arch, "llama")   # for its tokenizer
+    c = AutoConfig.from_pretrained(folder)
+    common = dict(vocab_size=c.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=c.pad_token_id, eos_token_id=c.eos_token_id,
+                  bos_token_id=None)
+    model = (GraniteForCausalLM(GraniteConfig(logits_scaling=8.0, **common)) if arch == "granite"
+             else CohereForCausalLM(CohereConfig(logit_scale=0.5, **common)))
+    model.save_pretrained(folder)
+    with pytest.raises(AssertionError, match="this model rescales them"):
+        vp.load_policy(folder, torch.device("cpu"), vp.parse_args(["--model", folder]))
