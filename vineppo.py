@@ -823,6 +823,8 @@ def whiten(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 # ============================================================================ 6. PPO loss and update
 def warmup_linear_schedule(optimizer, total_steps: int, warmup: float):
+    """Spec 1: linear warm-up over `warmup` of the steps, then linear decay to 0. (NOTE: the authors' DeepSpeed
+    WarmupDecayLR ramps up as ln(step) / ln(warm-up steps) by default; the decay is the same.)"""
     warm = max(1, round(warmup * total_steps))
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total_steps - s) / max(1, total_steps - warm)))
