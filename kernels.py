@@ -233,9 +233,11 @@ def _logprob_bwd_kernel(
     g_logp = tl.load(grad_logp_ptr + rows, mask=row_mask, other=0.0)
     g_entropy = tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0)
 
-    # padding rows (x = 0, g = 0) and padding columns (w = 0, masked dW store) contribute nothing below
+    # padding rows (x = 0, g = 0) contribute nothing below. Padding columns have z = 0, so p = exp(-lse) there,
+    # which is inf once every real logit / T is below about -88: they are zeroed, else dX = inf * (w = 0) = NaN.
     d_a = _d_logits(z, lse, entropy, g_logp, g_entropy, cols[None, :] == target[:, None],
                     inv_temperature)                                            # [BLOCK_N, BLOCK_V]
+    d_a = tl.where(col_mask[None, :], d_a, 0.0)
     if not CAST_TO_FP32:
         d_a = d_a.to(weight_ptr.dtype.element_ty)    # bf16 tensor-core dots on the GPU, fp32 accumulate
 
@@ -1621,7 +1623,7 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
     # Plan: every (prefix i, sample j) row joins the nest of its prefix's leader; a prefix with no budget
     # left gets k empty, unfinished rows without a decode step (a step would draw one token past its budget).
     results = [([], False) if b <= 0 else None for b in row_budgets]
-    leader = _nest_leaders(prefixes)
+    leader = _nest_leaders([p for p, b in zip(prefixes, budgets) if b > 0])   # a prefix not decoded leads nothing
     nests = {}
     for i, p in enumerate(prefixes):
         if budgets[i] > 0:

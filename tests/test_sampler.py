@@ -475,6 +475,11 @@ def test_edge_cases_and_length_assert():
     # gives a test prompt longer than the model's positions budget 0)
     toks, fin = ks.sample_continuations(model, [[1] * 200, [1, 2]], k=1, max_new_tokens=[0, 2], temperature=0)
     assert toks == [[[]], [_hf_greedy(model, [1, 2], 2)]] and fin == [[False], [False]]
+    # nor does it lead the nest of a prefix of it: only [1, 1]'s own tokens are prefilled (a learned position table
+    # would have raised IndexError on the 200 tokens)
+    ks.SAMPLER_STATS["prefill_tokens"] = 0
+    toks, _ = ks.sample_continuations(model, [[1] * 200, [1, 1]], k=1, max_new_tokens=[0, 2], temperature=0)
+    assert toks == [[[]], [_hf_greedy(model, [1, 1], 2)]] and ks.SAMPLER_STATS["prefill_tokens"] == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
