@@ -546,12 +546,24 @@ def load_policy(path: str, device: torch.device, args: Args):
         (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
     policy.config.use_cache = False
     without_dropout(policy)
-    assert policy.get_output_embeddings().bias is None, "fused log-probs assume an lm_head without bias"
-    cfg = policy.config.get_text_config()   # the log-probs are hidden @ lm_head.T: models that rescale it are refused
-    scaled = {k: getattr(cfg, k) for k in ("logits_scaling", "logit_scale", "final_logit_softcapping")
-              if getattr(cfg, k, None) not in (None, 1, 1.0)}   # Granite, Cohere, Gemma 2
-    assert not scaled, f"fused log-probs assume logits = hidden @ lm_head.T; this model rescales them: {scaled}"
+    check_logits_are_hidden_times_lm_head(policy)
     return policy, tokenizer
+
+
+@torch.no_grad()
+def check_logits_are_hidden_times_lm_head(model) -> None:
+    """The loss's log-probs are base_model(...).last_hidden_state @ lm_head.T (kernels.py never builds the
+    logits); the sampler reads model(...).logits. A model whose forward does more (an lm_head bias, a logit scale
+    or soft-cap: Granite, Cohere, Gemma 2, Falcon-H1) would train on other log-probs than it samples: refused,
+    checked on a few tokens."""
+    head = model.get_output_embeddings()
+    ids = (torch.arange(1, 9, device=head.weight.device) % head.weight.shape[0]).unsqueeze(0)   # [1, 8]
+    logits = model(input_ids=ids).logits[0].float()                                               # [8, V]
+    direct = (model.base_model(input_ids=ids).last_hidden_state[0] @ head.weight.T).float()      # [8, V]
+    tol = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
+    assert head.bias is None and torch.allclose(logits, direct, rtol=tol, atol=tol * float(logits.abs().max())), (
+        "fused log-probs assume logits = hidden @ lm_head.T, and this model's forward differs (a bias, scale or "
+        f"soft-cap): max |difference| {float((logits - direct).abs().max()):.3g}")
 
 
 def without_dropout(model):
@@ -1156,21 +1168,25 @@ def fit_positions(rows: list, tokenizer, model, args: Args, task: str) -> list:
     return kept
 
 
-RUN_DEFINING = ("resolved_model", "task", "advantage", "train_file", "seed", "k", "max_states", "max_new_tokens",
-                "prompts_per_iteration", "samples_per_prompt", "lora_rank", "lora_alpha",
-                "lr")   # the optimizer's state holds the learning rate: a changed --lr would not take effect
+# What --resume may change: where and how often the run is evaluated and saved, and how it fits in memory.
+RESUME_MAY_CHANGE = ("out", "resume", "device", "save_every", "eval_every", "eval_problems", "eval_samples",
+                     "eval_temperature", "value_analysis", "test_file", "gradient_checkpointing", "micro_batch")
 
 
 def check_resume(args: Args, source: str) -> None:
-    """A resumed run must be the run it continues: the flags that decide its data, its episodes and its method
-    must equal those in its config.json (a default that changed since would otherwise change them silently)."""
+    """A resumed run must be the run it continues: every other flag must equal its value in the run's
+    config.json. (A changed default would otherwise change the run silently; --lr would not even take effect,
+    the scheduler's saved state restoring the old one; --iterations would re-stretch the schedule mid-run.)"""
     path = os.path.join(args.out, "config.json")
     if not os.path.isfile(path):
         return
     with open(path) as f:
         saved = json.load(f)
     now = dataclasses.asdict(args) | {"resolved_model": source}
-    changed = [f"{key} {saved[key]!r} -> {now[key]!r}" for key in RUN_DEFINING if key in saved and saved[key] != now[key]]
+    for flags in (saved, now):   # the LoRA scale as used: --lora-alpha's default is 2 x rank
+        flags["lora_alpha"] = flags.get("lora_alpha") or 2 * flags.get("lora_rank", 0)
+    changed = [f"{key} {saved[key]!r} -> {now[key]!r}" for key in now
+               if key not in RESUME_MAY_CHANGE and key in saved and saved[key] != now[key]]
     if changed:
         raise SystemExit(f"vineppo.py: error: --resume with other settings than the run in {args.out}: "
                          + ", ".join(changed) + " (give the run's own flags, or a new --out)")

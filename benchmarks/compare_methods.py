@@ -267,7 +267,7 @@ def run_analysis(opts) -> dict:
         t0 = time.time()
         res = vp.value_analysis(policy, tokenizer, rows, args, "arith", critic=critic, n_states=opts.analysis_states,
                                 n_truth=opts.analysis_truth, n_rank=opts.analysis_rank)
-        print(f"value analysis on the {label}: MAE " + ", ".join(f"{k} {v:.3f}" for k, v in res["mae"].items())
+        print(f"value analysis on the {label}: MAE " + ", ".join(f"{k} {v:.3f}" for k, v in res["mae"].items() if v is not None)
               + f"; top-1 " + ", ".join(f"{k} {v:.2f}" for k, v in res["ranking"]["top1"].items() if v is not None)
               + f" ({time.time() - t0:.0f}s)", flush=True)
         results[label] = res

@@ -163,6 +163,8 @@ def test_resume_is_bit_exact(lora_run, monkeypatch, capsys):
     assert without_times(read_metrics(lora_run["tmp"] / "b")) == without_times(read_metrics(lora_run["tmp"] / "a"))
     with pytest.raises(SystemExit, match="lora_rank 4 -> 0"):   # a LoRA run resumed without LoRA
         vp.train(vp.parse_args(flags[:-2] + ["--resume"]))
+    with pytest.raises(ValueError, match="was written with --lora-rank 4"):   # its checkpoint, loaded as a model
+        vp.load_policy(vp.find_checkpoint(str(lora_run["tmp"] / "b")), CPU, vp.Args())
 
 
 def test_critic_gpt2_gradient_checkpointing(tmp_path):

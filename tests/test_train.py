@@ -259,14 +259,21 @@ def test_resume_refuses_other_run_defining_settings(tmp_path):
     args = vp.parse_args(["--model", "someone/any-model", "--task", "math", "--out", str(tmp_path)])
     saved = dataclasses.asdict(args) | {"resolved_model": "someone/any-model"}
     vp.check_resume(args, "someone/any-model")   # no config.json: nothing to compare
-    for key, value in (("max_states", 25), ("max_new_tokens", 512), ("task", "gsm8k"), ("lr", 0.01)):
+    for key, value in (("max_states", 25), ("max_new_tokens", 512), ("task", "gsm8k"), ("lr", 0.01), ("iterations", 5),
+                       ("temperature", 1.0), ("resolved_model", "other/model")):
         with open(tmp_path / "config.json", "w") as f:
             json.dump(saved | {key: value}, f)
         with pytest.raises(SystemExit, match=f"--resume with other settings .*: {key} {value!r} -> "):
             vp.check_resume(args, "someone/any-model")
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(saved | {"iterations": 5, "eval_every": 1}, f)   # a longer run, other evaluations: allowed
+    with open(tmp_path / "config.json", "w") as f:   # other evaluations, checkpoints, memory use: allowed
+        json.dump(saved | {"eval_every": 1, "eval_samples": 3, "save_every": 7, "micro_batch": 1, "device": "cpu"}, f)
     vp.check_resume(args, "someone/any-model")
+    lora = vp.parse_args(["--model", "someone/any-model", "--out", str(tmp_path), "--lora-rank", "4"])
+    with open(tmp_path / "config.json", "w") as f:   # the default --lora-alpha (None) is 2 x rank = 8
+        json.dump(dataclasses.asdict(lora) | {"resolved_model": "someone/any-model"}, f)
+    vp.check_resume(dataclasses.replace(lora, lora_alpha=8.0), "someone/any-model")
+    with pytest.raises(SystemExit, match="lora_alpha 8 -> 16.0"):
+        vp.check_resume(dataclasses.replace(lora, lora_alpha=16.0), "someone/any-model")
 
 
 def test_data_without_answers_or_in_the_wrong_format(tmp_path, capsys):
@@ -302,5 +309,5 @@ def test_models_that_rescale_their_logits_are_refused(tmp_path, arch):
     model = (GraniteForCausalLM(GraniteConfig(logits_scaling=8.0, **common)) if arch == "granite"
              else CohereForCausalLM(CohereConfig(logit_scale=0.5, **common)))
     model.save_pretrained(folder)
-    with pytest.raises(AssertionError, match="this model rescales them"):
+    with pytest.raises(AssertionError, match="this model's forward differs"):
         vp.load_policy(folder, torch.device("cpu"), vp.parse_args(["--model", folder]))
