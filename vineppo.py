@@ -558,9 +558,11 @@ def check_logits_are_hidden_times_lm_head(model) -> None:
     checked on a few tokens."""
     head = model.get_output_embeddings()
     ids = (torch.arange(1, 9, device=head.weight.device) % head.weight.shape[0]).unsqueeze(0)   # [1, 8]
-    logits = model(input_ids=ids).logits[0].float()                                               # [8, V]
-    direct = (model.base_model(input_ids=ids).last_hidden_state[0] @ head.weight.T).float()      # [8, V]
-    tol = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
+    with autocast(ids.device):   # as the training forwards run: bf16 on a GPU
+        logits = model(input_ids=ids).logits[0].float()                                           # [8, V]
+        hidden = model.base_model(input_ids=ids).last_hidden_state[0]                             # [8, d]
+        direct = (hidden @ head.weight.T.to(hidden.dtype)).float()                                # [8, V]
+    tol = 1e-4 if ids.device.type == "cpu" else 2e-2
     assert head.bias is None and torch.allclose(logits, direct, rtol=tol, atol=tol * float(logits.abs().max())), (
         "fused log-probs assume logits = hidden @ lm_head.T, and this model's forward differs (a bias, scale or "
         f"soft-cap): max |difference| {float((logits - direct).abs().max()):.3g}")
