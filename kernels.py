@@ -1599,8 +1599,9 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
     if n == 0 or k <= 0 or max(budgets) <= 0:
         return [[[] for _ in range(k)] for _ in range(n)], [[False] * k for _ in range(n)]
     assert all(len(p) > 0 for p in prefixes), "every prefix needs at least one token (e.g. BOS)"
+    live = [i for i in range(n) if budgets[i] > 0]   # the prefixes decoded; the others get k empty rows
     limit = max_positions(model.config)
-    longest = max((i for i in range(n) if budgets[i] > 0), key=lambda i: len(prefixes[i]) + budgets[i])  # decoded
+    longest = max(live, key=lambda i: len(prefixes[i]) + budgets[i])
     assert limit is None or len(prefixes[longest]) + budgets[longest] <= limit, (
         f"prefix ({len(prefixes[longest])} tokens) + max_new_tokens ({budgets[longest]}) exceeds the model's {limit} positions")
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -1623,11 +1624,10 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
     # Plan: every (prefix i, sample j) row joins the nest of its prefix's leader; a prefix with no budget
     # left gets k empty, unfinished rows without a decode step (a step would draw one token past its budget).
     results = [([], False) if b <= 0 else None for b in row_budgets]
-    leader = _nest_leaders([p for p, b in zip(prefixes, budgets) if b > 0])   # a prefix not decoded leads nothing
+    leader = _nest_leaders([prefixes[i] for i in live])   # a prefix not decoded leads nothing
     nests = {}
-    for i, p in enumerate(prefixes):
-        if budgets[i] > 0:
-            nests.setdefault(leader[tuple(p)], []).extend((i * k + j, len(p)) for j in range(k))
+    for i in live:
+        nests.setdefault(leader[tuple(prefixes[i])], []).extend((i * k + j, len(prefixes[i])) for j in range(k))
     units = sorted(nests.items(), key=lambda u: -len(u[0]))  # longest first: similar P in a batch
 
     # Budget: cached tokens per batch (prefix once per nest + T per row + logits/sort scratch per row).

@@ -574,16 +574,14 @@ def without_dropout(model):
     The paper's models (Llama architecture) have none; GPT-2 configs default to 0.1. Some models (Falcon,
     GPT-Neo) read a rate from the config at every forward, so the config's rates are zeroed too."""
     configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "to_dict")}
-    for config in configs.values():   # the model's, and any sub-model's (a critic's backbone, a text config)
-        for key, value in vars(config).items():
+    # the model's config and any sub-model's (a critic's backbone, a text config), and every module: rates copied
+    # into plain floats (Llama's attention_dropout, OPT's dropout and layerdrop, GPTBigCode's attn_pdrop ...)
+    for obj in [*configs.values(), *model.modules()]:
+        if isinstance(obj, torch.nn.Dropout):
+            obj.p = 0.0
+        for key, value in vars(obj).items():
             if isinstance(value, float) and ("dropout" in key or "pdrop" in key or "layerdrop" in key):
-                setattr(config, key, 0.0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        for key, value in vars(m).items():   # rates copied into plain floats: Llama's attention_dropout, OPT's
-            if isinstance(value, float) and ("dropout" in key or "pdrop" in key or "layerdrop" in key):
-                setattr(m, key, 0.0)         # dropout and layerdrop, GPTBigCode's attn_pdrop ...
+                setattr(obj, key, 0.0)
     return model
 
 
@@ -1003,9 +1001,10 @@ def value_analysis(policy, tokenizer, rows: list, args: Args, task: str, critic=
         torch.manual_seed(seed)
         # 1. states s_i = prompt + first i steps of sampled responses
         states, where = [], []     # (prompt_ids, written_ids, gold), (i, n)
+        limit = kernels.max_positions(policy.config) or math.inf
         for e in sample_episodes(policy, tokenizer, rows[:n_states], dataclasses.replace(args, samples_per_prompt=1), task):
             for i in range(min(len(e.steps), args.max_states or len(e.steps))):
-                if len(e.prompt_ids) + e.step_starts[i] >= (kernels.max_positions(policy.config) or math.inf):
+                if len(e.prompt_ids) + e.step_starts[i] >= limit:
                     continue   # at the end of the model's positions: nothing to continue, no critic read past it
                 states.append((e.prompt_ids, e.response_ids[:e.step_starts[i]], e.gold)); where.append((i, len(e.steps)))
         states, where = states[:n_states], where[:n_states]
