@@ -11,7 +11,10 @@ rollouts from every reasoning step. Read it beside the paper, arXiv 2410.01679v2
 The file reads top to bottom in the algorithm's order:
   1. arguments            2. tasks and grading       3. reasoning steps
   4. models and sampling  5. advantages (THE part VinePPO changes, plus the baselines it is compared to)
-  6. PPO loss and update  7. evaluation              8. the iteration loop and checkpoints   9. main
+  6. PPO loss and update  7. evaluation (7b: the value analysis of the paper's section 7)
+  8. the iteration loop and checkpoints                9. main
+Shapes in comments: B sequences, T padded length, d hidden size, V vocabulary, N response tokens (of the
+micro-batch or mini-batch a line works on), L one response's tokens, n steps of a response, K continuations.
 The heavy lifting (log-probs without logits, prefix-sharing sampling) lives in kernels.py.
 """
 import argparse
@@ -60,7 +63,7 @@ class Args:
     # --- credit assignment
     advantage: str = arg("vine", "vine (MC values, the paper), critic (PPO value network), grpo or rloo")
     k: int = arg(9, "VinePPO: Monte Carlo continuations per state (K)")
-    max_states: Optional[int] = arg(None, "VinePPO: only the first this many states get MC values (default: 25 on GSM8K as the authors, spec 3; on MATH all)")
+    max_states: Optional[int] = arg(None, "VinePPO: only the first this many states get MC values (default: 25 on GSM8K as spec 3, the authors' code 26; on MATH all)")
     # --- sampling (training episodes and MC rollouts)
     prompts_per_iteration: int = arg(64, "prompts per iteration")
     samples_per_prompt: int = arg(8, "responses sampled per prompt")
@@ -117,7 +120,10 @@ DEMO_DEFAULTS = dict(
 
 def parse_args(argv=None) -> Args:
     """Args from the command line; invalid values end the program with a one-line error."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
+        f"The defaults shown are for the real models (the paper's where it has one). With --model tiny (the default) the demo's apply to the flags not "
+        f"given: {demo}, --iterations {PAPER_ITERATIONS['arith']}."))
     hints = get_type_hints(Args)
     for f in dataclasses.fields(Args):
         flag, typ = "--" + f.name.replace("_", "-"), hints[f.name]
@@ -126,7 +132,9 @@ def parse_args(argv=None) -> Args:
         if typ is bool:
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=f.metadata["help"] + f" (default: {f.default})")
+            said = "(default" in f.metadata["help"]   # the help already says what the default depends on
+            parser.add_argument(flag, type=typ, default=argparse.SUPPRESS,
+                                help=f.metadata["help"] + ("" if said else f" (default: {f.default})"))
     given = vars(parser.parse_args(argv))
     args = Args(**given)
     if args.model == "tiny":
@@ -134,7 +142,7 @@ def parse_args(argv=None) -> Args:
             if name not in given:
                 setattr(args, name, value)
     if args.max_states is None and args.task == "gsm8k":
-        args.max_states = 25   # the authors cap GSM8K's MC states (spec 3), not MATH's
+        args.max_states = 25   # spec 3 caps GSM8K's MC states (the authors' code at 26), not MATH's
     if args.iterations is None:
         args.iterations = PAPER_ITERATIONS[args.task] if args.task in PAPER_ITERATIONS else 0
     error = validate(args)
@@ -293,7 +301,7 @@ def _as_number(s: str) -> Optional[Decimal]:
 
 def grade(response: str, gold: str, task: str) -> bool:
     """Is the final answer of `response` equal to `gold` (the final answer alone)?
-    arith: exact string. gsm8k: numeric equality after removing thousands separators, so "72.0" == "72"
+    arith: exact string. gsm8k: numeric equality after removing ",", "$", spaces and a trailing ".", so "72.0" == "72"
     (NOTE: the authors compare strings, after removing commas and lower-casing; numeric equality forgives
     formatting only).
     math: last \\boxed{} vs gold, mathematical equivalence by math-verify; a gold that does not parse never scores."""
@@ -650,7 +658,7 @@ def _as_list(x):
 class Episode:
     """One sampled response to one prompt, and what the loss needs to know about it."""
     prompt_ids: list
-    response_ids: list                 # sampled tokens, EOS included when the response finished
+    response_ids: list                 # sampled tokens, EOS included when the response finished on EOS
     group: int = 0                     # index of the prompt within the iteration (GRPO/RLOO groups)
     text: str = ""
     gold: str = ""
@@ -704,9 +712,28 @@ def token_logprobs(model, episodes: list, pad_id: int, temperature: float, micro
     return torch.cat(out)
 
 
+def sample_episodes(policy, tokenizer, rows: list, args: Args, task: str) -> list:
+    """Sample `samples_per_prompt` responses per prompt, grade them, split them into steps."""
+    prompts = [encode_prompt(tokenizer, r["problem"], task) for r in rows]
+    tokens, finished = generate(policy, tokenizer, prompts, args.samples_per_prompt, args.max_new_tokens,
+                                args.temperature, args.top_p, desc="sampling")
+    episodes = []
+    dec = lambda ids: decode(tokenizer, ids)
+    for g, (row, prompt, conts, fins) in enumerate(zip(rows, prompts, tokens, finished)):
+        for ids, fin in zip(conts, fins):
+            text = dec(ids)
+            e = Episode(prompt_ids=prompt, response_ids=ids, group=g, text=text, gold=row["answer"], finished=fin,
+                        reward=float(fin and grade(text, row["answer"], task)))   # unfinished: reward 0
+            e.steps = split_steps(text, task)
+            e.step_starts = step_token_starts(ids, e.steps, dec)
+            episodes.append(e)
+    return episodes
+
+
 # ============================================================================ 5. Advantages
 # Every method maps one iteration's episodes to one advantage per response token. The PPO loss and
-# loop (section 6, 8) are shared: THIS section is the whole difference between the methods.
+# loop (section 6, 8) are shared: THIS section is the whole difference between the methods, except the
+# critic's own training, which ppo_update runs alongside the policy's with --advantage critic.
 def step_advantages(V: list, R: float) -> list:
     """Eq. (6), arXiv 2410.01679v2: A_i = r_i + gamma V(s_{i+1}) - V(s_i), gamma = 1, with
     V(s_n) = 0 (terminal) and r_i = 0 except r_{n-1} = R. Their sum telescopes to R - V(s_0)."""
@@ -718,7 +745,8 @@ def step_advantages(V: list, R: float) -> list:
 
 def vine_values(model, tokenizer, episodes: list, args: Args, task: str):
     """VinePPO's value estimates, Eq. (5), arXiv 2410.01679v2: V_hat(s_i) = 1/K sum_k R(eta_k),
-    eta_k ~ pi(. | s_i), for the states s_0..s_{n-1} of every episode. The environment is reset to
+    eta_k ~ pi(. | s_i), for the states s_0..s_{n-1} of every episode (the first --max-states of them;
+    past the cap V = R). The environment is reset to
     the prefix s_i (prompt + first i steps) and K continuations are sampled; each is graded on the
     whole solution (written steps + continuation). Identical states are sampled once (s_0 is shared by
     all samples of a prompt); the continuations are used for values only, never trained on.
@@ -806,8 +834,9 @@ def critic_values(critic, episodes: list, pad_id: int) -> torch.Tensor:
 
 
 def critic_advantages(model, tokenizer, episodes: list, args: Args, task: str, critic=None, **_):
-    """PPO: GAE with gamma = lambda = 1 (spec 6), which is A_t = R - V_phi(s_t) for every token, and
-    the return G_t = R is the value target. Eq. (3)-(4), arXiv 2410.01679v2."""
+    """PPO: GAE with gamma = lambda = 1 (spec 6) over the one-step advantages of Eq. (3), arXiv
+    2410.01679v2, r_t + V_phi(s_{t+1}) - V_phi(s_t): they telescope to A_t = R - V_phi(s_t) for every
+    token, and the return G_t = R is the value target."""
     with torch.no_grad():
         V_old = torch.cat([critic_values(critic, episodes[i:i + args.micro_batch], tokenizer.pad_token_id)
                            for i in range(0, len(episodes), args.micro_batch)]).cpu()   # [N]
@@ -817,7 +846,8 @@ def critic_advantages(model, tokenizer, episodes: list, args: Args, task: str, c
 
 
 def critic_loss(critic, episodes: list, pad_id: int, V_old: torch.Tensor, G: torch.Tensor, clip: float, n_tokens: int):
-    """Clipped value loss (spec 6): 0.5 * token-mean of max((V - G)^2, (clip(V, V_old +- c) - G)^2)."""
+    """The value network's regression loss (Eq. (4), arXiv 2410.01679v2) as the authors' code clips it
+    (spec 6): 0.5 * token-mean of max((V - G)^2, (clip(V, V_old +- c) - G)^2)."""
     V = critic_values(critic, episodes, pad_id)                                         # [N]
     V_old, G = V_old.to(V.device), G.to(V.device)
     V_clipped = V_old + (V - V_old).clamp(-clip, clip)
@@ -848,6 +878,7 @@ def ppo_update(policy, reference, optimizer, scheduler, episodes: list, token_ad
     training forward before the first step; each optimizer step sees one mini-batch of episodes,
     accumulated over micro-batches. Loss (the shared part of all methods):
       L = token-mean max(-A rho, -A clip(rho, 1-eps, 1+eps)) + beta * seq-mean sum_t KL_k3   (Eq. (1) + PPO clip)
+          - entropy_coef * token-mean entropy (0 in the paper) [+ critic_loss with --advantage critic]
     reference None (LoRA): the reference is the policy with its adapters off."""
     old_logp = token_logprobs(policy, episodes, pad_id, args.temperature, args.micro_batch).cpu()       # [N]
     with adapters_off(policy) if reference is None else contextlib.nullcontext(reference) as ref:
@@ -867,7 +898,7 @@ def ppo_update(policy, reference, optimizer, scheduler, episodes: list, token_ad
         for start in range(0, len(episodes), args.mini_batch):
             mb = order[start:start + args.mini_batch]
             idx = [torch.arange(offsets[i], offsets[i + 1]) for i in mb]                   # token indices per episode
-            A_mb = torch.cat([A_all[t] for t in idx])                                      # [N_mb]
+            A_mb = torch.cat([A_all[t] for t in idx])                                      # [N] (the mini-batch)
             if WHITEN[args.advantage]:
                 A_mb = whiten(A_mb)
             n_tokens, n_seqs = A_mb.numel(), len(mb)
@@ -876,7 +907,7 @@ def ppo_update(policy, reference, optimizer, scheduler, episodes: list, token_ad
             for m0 in range(0, len(mb), args.micro_batch):
                 micro = mb[m0:m0 + args.micro_batch]
                 t = torch.cat(idx[m0:m0 + args.micro_batch])
-                hidden, targets = response_hidden(policy, [episodes[i] for i in micro], pad_id)          # [n, d], [n]
+                hidden, targets = response_hidden(policy, [episodes[i] for i in micro], pad_id)   # [N, d], [N] (micro-batch)
                 dev = hidden.device
                 loss, s = kernels.ppo_loss(hidden, lm_head_weight(policy, hidden), targets, old_logp[t].to(dev),
                                            ref_logp[t].to(dev), torch.cat(A_split[m0:m0 + args.micro_batch]).to(dev),
@@ -1074,24 +1105,6 @@ def value_analysis(policy, tokenizer, rows: list, args: Args, task: str, critic=
 
 
 # ============================================================================ 8. The iteration loop
-def sample_episodes(policy, tokenizer, rows: list, args: Args, task: str) -> list:
-    """Sample `samples_per_prompt` responses per prompt, grade them, split them into steps."""
-    prompts = [encode_prompt(tokenizer, r["problem"], task) for r in rows]
-    tokens, finished = generate(policy, tokenizer, prompts, args.samples_per_prompt, args.max_new_tokens,
-                                args.temperature, args.top_p, desc="sampling")
-    episodes = []
-    dec = lambda ids: decode(tokenizer, ids)
-    for g, (row, prompt, conts, fins) in enumerate(zip(rows, prompts, tokens, finished)):
-        for ids, fin in zip(conts, fins):
-            text = dec(ids)
-            e = Episode(prompt_ids=prompt, response_ids=ids, group=g, text=text, gold=row["answer"], finished=fin,
-                        reward=float(fin and grade(text, row["answer"], task)))   # unfinished: reward 0
-            e.steps = split_steps(text, task)
-            e.step_starts = step_token_starts(ids, e.steps, dec)
-            episodes.append(e)
-    return episodes
-
-
 def iteration_rows(train: list, iteration: int, per_iteration: int, seed: int) -> list:
     """Prompts of an iteration: a seeded permutation per pass over the data, so that the data position
     is a function of the iteration alone (resume needs no data-loader state)."""
@@ -1119,7 +1132,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(out: str, iteration: int, policy, tokenizer, optimizer, scheduler, critic=None,
                     critic_optimizer=None, critic_scheduler=None) -> None:
     """Atomic checkpoint: written to ckpt.tmp, then swapped in by renames, so a run killed at any
-    moment leaves either the old or the new checkpoint complete (load_checkpoint handles the swap)."""
+    moment leaves either the old or the new checkpoint complete (find_checkpoint picks it)."""
     tmp, final, old = (os.path.join(out, n) for n in ("ckpt.tmp", "ckpt", "ckpt.old"))
     shutil.rmtree(tmp, ignore_errors=True)
     if getattr(policy, "lora_config", None) is None:

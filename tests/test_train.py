@@ -1,4 +1,5 @@
 """End to end: the demo learns, resume is exact, the real-model path runs, bad flags fail cleanly."""
+import dataclasses
 import json
 import os
 import re
@@ -229,6 +230,21 @@ def test_task_defaults_to_gsm8k_for_real_models(argv, task, iterations, model):
     assert args.max_states == (25 if task == "gsm8k" else None)   # the authors cap GSM8K's MC states only
     if model is not None:   # the demo's resolve_model trains or loads the tiny SFT model: not here
         assert vp.resolve_model(args) == model
+
+
+def test_help_names_every_demo_default_once(capsys):
+    """--help shows the real models' defaults; the demo's (applied with --model tiny) are listed under it, and a
+    help text that says what its default depends on gets no automatic "(default: None)" after it."""
+    with pytest.raises(SystemExit):
+        vp.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())   # argparse wraps lines
+    demo = text.split("the demo's apply to the flags not given:")[1]
+    for name, value in vp.DEMO_DEFAULTS.items():
+        assert f"--{name.replace('_', '-')} {value}" in demo
+    assert f"--iterations {vp.PAPER_ITERATIONS['arith']}" in demo
+    assert "continuations per state (K) (default: 9)" in text
+    said = [f.metadata["help"] for f in dataclasses.fields(vp.Args) if "(default" in f.metadata["help"]]
+    assert len(said) >= 4 and all(" ".join(h.split()) + " --" in text for h in said)   # nothing appended
 
 
 def test_prompts_near_the_position_limit_get_what_is_left(tmp_path):
