@@ -171,7 +171,7 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
     name = torch.cuda.get_device_name() if device == "cuda" else device
     print(f"GPU {name}: measured copy bandwidth {bw:.0f} GB/s; {dtype}; T=0.6 top_p=0.9; EOS suppressed; "
           f"prompt {shape[0]}, response {shape[1]} in {shape[2]} steps, K={K}, {args.new_tokens} new tokens")
-    print(f"{'model':<16}{'method':<18}{'states':>7}{'rows':>7}{'s':>8}{'new tok/s':>11}{'vs eager':>9}{'roofline':>9}")
+    print(f"{'model':<16}{'method':<28}{'states':>7}{'rows':>7}{'s':>8}{'new tok/s':>11}{'vs eager':>9}{'roofline':>9}")
     T = args.new_tokens
     for label, cfg, ours_prompts, gen_states, gen_batch in configs:
         free = torch.cuda.mem_get_info()[0] if device == "cuda" else 2 ** 34
@@ -180,6 +180,8 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
             print(f"{label:<16}skipped: {weights / 2**30:.0f} GiB of weights, {free / 2**30:.0f} GiB free")
             continue
         model = make_llama(**cfg, dtype=dtype, device=device)
+        if args.compile:
+            torch._dynamo.reset()  # the last config's compiled layers would make this one's sizes dynamic
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         kv_tok = 2 * cfg["layers"] * cfg["kv_heads"] * (cfg["d"] // cfg["heads"]) * torch.finfo(dtype).bits // 8
         states = workload(ours_prompts, 8, *shape, cfg["vocab"])
@@ -197,17 +199,27 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
             finally:
                 ks.SAMPLER_TOP_P_KERNEL = True
         reports = []   # printed under the table
-        for fraction in args.memory_fraction:  # bigger batches: fewer of them, fewer reads of the weights
-            old_fraction, ks.SAMPLER_MEMORY_FRACTION = ks.SAMPLER_MEMORY_FRACTION, fraction
+        # Variants of ours: batches sized to other shares of the free memory (bigger batches: fewer of them, fewer
+        # reads of the weights) and/or compiled decoder layers (fused elementwise kernels), each beside the default.
+        variants = [(f, c) for c in ([False, True] if args.compile else [False]) for f in [None] + args.memory_fraction]
+        for fraction, compiled in variants[1:]:
+            name = "ours" + (", compiled" if compiled else "") + (f", memory {fraction:g}" if fraction else "")
+            old = ks.SAMPLER_MEMORY_FRACTION, ks.SAMPLER_COMPILE
+            ks.SAMPLER_MEMORY_FRACTION, ks.SAMPLER_COMPILE = fraction or old[0], compiled
             try:
+                if compiled:   # compile at two batch sizes (the second makes the size dynamic), timed apart
+                    t0 = time.perf_counter()
+                    run_ours(model, states[:9], K, 8)
+                    run_ours(model, states[:18], K, 8)
+                    reports.append(f"{label:<16}{name}: the compile's warm-up runs took {time.perf_counter() - t0:.1f} s")
                 r = run_ours(model, states, K, T)
-                rows.append((f"ours, memory {fraction:g}", r, len(states)))
-                reports.append(f"{label:<16}ours, memory {fraction:g}: {r['stats']['batches']} batches, "
+                rows.append((name, r, len(states)))
+                reports.append(f"{label:<16}{name}: {r['stats']['batches']} batches, "
                                f"{r['stats']['oom_retries']} OOM retries, {r['stats']['steps']} decode steps")
             except torch.cuda.OutOfMemoryError as e:
-                reports.append(f"{label:<16}ours, memory {fraction:g}: out of memory ({e!r})"[:200])
+                reports.append(f"{label:<16}{name}: out of memory ({e!r})"[:200])
             finally:
-                ks.SAMPLER_MEMORY_FRACTION = old_fraction
+                ks.SAMPLER_MEMORY_FRACTION, ks.SAMPLER_COMPILE = old
                 if device == "cuda":
                     torch.cuda.empty_cache()
         if args.greedy_row:  # the same work drawn greedily: the difference is what sampling costs
@@ -228,7 +240,7 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
             rate = r["new"] / r["seconds"]
             vs_eager = f"{rate / (eager['new'] / eager['seconds']):>8.1f}x" if eager else f"{'-':>9}"
             roof = f"{roof_s(r['stats']) / r['seconds']:>9.0%}" if method.startswith("ours") else ""
-            print(f"{label:<16}{method:<18}{n:>7}{n * K:>7}{r['seconds']:>8.1f}{rate:>11.0f}{vs_eager}{roof}")
+            print(f"{label:<16}{method:<28}{n:>7}{n * K:>7}{r['seconds']:>8.1f}{rate:>11.0f}{vs_eager}{roof}")
         if eager:
             per_state = (eager["prefill"] / len(gstates)) / (ours["prefill"] / len(states))
             print(f"{label:<16}prefill tokens: ours {ours['prefill']} for {len(states)} states, generate "
@@ -361,6 +373,9 @@ def main():
     ap.add_argument("--memory-fraction", type=float, nargs="*", default=[],
                     help="GPU: also time ours with batches sized to these shares of the free memory (the sampler's "
                          "kernels.SAMPLER_MEMORY_FRACTION is 0.7)")
+    ap.add_argument("--compile", action="store_true",
+                    help="GPU: also time ours with torch.compile'd decoder layers (kernels.SAMPLER_COMPILE), at the "
+                         "default memory share and at each --memory-fraction")
     ap.add_argument("--compile-baseline", action="store_true",
                     help="GPU: let generate torch.compile its static-cache forward (slow to compile)")
     args = ap.parse_args()

@@ -106,6 +106,32 @@ def test_greedy_other_attention_backends(backend, make, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_compiled_decode_layers_equal_hf_generate(device, monkeypatch):
+    """SAMPLER_COMPILE: the decode steps run torch.compile'd decoder layers (the attention and the cache write
+    left eager); greedy tokens still equal HF generate's, across compactions (a new batch size), and the layers
+    get their own forward back afterwards (the prefill and training never run the compiled one). Llama only: a
+    first compile costs ~25 s here."""
+    from torch._dynamo.utils import counters
+    model = _llama(4).to(device)
+    monkeypatch.setattr(ks, "SAMPLER_COMPILE", True)
+    budgets = [2, 10, 3, 10, 2, 10]   # rows at their budget stop: compactions mid-batch
+    frames = counters["frames"]["ok"]
+    ks.SAMPLER_STATS["compactions"] = 0
+    toks, _ = ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=budgets, temperature=0)
+    assert ks.SAMPLER_STATS["compactions"] >= 1 and counters["frames"]["ok"] > frames   # it compiled
+    assert toks == [[_hf_greedy(model, p, b)] * 2 for p, b in zip(PREFIXES, budgets)]
+    layers = ks._decoder_layers(model)
+    assert len(layers) == 2 and all("forward" not in vars(layer) for layer in layers)
+    assert all(layer in ks._COMPILED_LAYERS for layer in layers)
+    # training calls the sampler with new batch sizes and budgets every time: sizes are dynamic by now, so a
+    # call with other ones compiles at most one more frame, not the layers again
+    frames = counters["frames"]["ok"]
+    toks, _ = ks.sample_continuations(model, PREFIXES[:5], k=3, max_new_tokens=[4, 11, 5, 7, 6], temperature=0)
+    assert counters["frames"]["ok"] - frames <= 1
+    assert toks == [[_hf_greedy(model, p, b)] * 3 for p, b in zip(PREFIXES, [4, 11, 5, 7, 6])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_partial_attention_kernel_matches_torch(device):
     import triton  # noqa: F401
     torch.manual_seed(0)
@@ -509,19 +535,24 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     from benchmarks import bench_sampler
     tiny = ("tiny", dict(layers=1, d=64, heads=4, kv_heads=2, vocab=64, inter=128, max_pos=128), 1, 2, 2)
     args = types.SimpleNamespace(new_tokens=3, compile_baseline=False, no_generate=False, greedy_row=True,
-                                 sort_row=True, profile=True, repeats=2, memory_fraction=[0.9])
+                                 sort_row=True, profile=True, repeats=2, memory_fraction=[0.9], compile=True)
     with torch.no_grad():
         bench_sampler.gpu_rows(args, device="cpu", configs=[tiny], shape=(8, 16, 4), K=2, dtype=torch.float32)
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("tiny")]
-    table = rows[:6]
-    assert [r[1:3] for r in table] == [["ours", "25"], ["ours,", "sort"], ["ours,", "memory"], ["ours,", "greedy"],
-                                           ["generate", "eager"], ["generate", "static"]]
+    table = rows[:8]
+    assert [r[1:3] for r in table] == [["ours", "25"], ["ours,", "sort"], ["ours,", "memory"], ["ours,", "compiled"],
+                                       ["ours,", "compiled,"], ["ours,", "greedy"], ["generate", "eager"],
+                                       ["generate", "static"]]
     # 1 + 8 x 3 states, K=2
-    assert table[0][2:4] == ["25", "50"] and table[1][4:6] == table[2][4:6] == table[3][3:5] == ["25", "50"]
+    assert table[0][2:4] == ["25", "50"] and table[1][4:6] == table[2][4:6] == table[5][3:5] == ["25", "50"]
+    assert table[3][3:5] == ["25", "50"] and table[4][5:7] == ["25", "50"]
     # (on the CPU the batch budget is a fixed 1 GiB, not a share of free memory: this covers the row's code path)
-    assert "ours, memory 0.9: 1 batches, 0 OOM retries, 3 decode steps" in out
-    assert ks.SAMPLER_TOP_P_KERNEL and ks.SAMPLER_MEMORY_FRACTION == 0.7, "the extra rows restore the defaults"
+    for name in ("ours, memory 0.9", "ours, compiled", "ours, compiled, memory 0.9"):
+        assert f"{name}: 1 batches, 0 OOM retries, 3 decode steps" in out
+    assert "ours, compiled: the compile's warm-up runs took" in out
+    assert (ks.SAMPLER_TOP_P_KERNEL and ks.SAMPLER_MEMORY_FRACTION == 0.7 and not ks.SAMPLER_COMPILE), \
+        "the extra rows restore the defaults"
     prof = out[out.index("profile: 50 rows, 16 decode steps"):].splitlines()
     spent = {line[18:58].strip(): float(line[58:].split()[0]) for line in prof[1:5]}
     assert list(spent)[0] == "matmul" and spent["matmul"] > 0 and prof[5].strip().startswith("top ")
