@@ -185,12 +185,19 @@ def test_critic_gae_and_value_loss_closed_form(tmp_path):
         V_new, V_clip = V_old + shift, V_old + max(-0.2, min(0.2, shift))
         expected = 0.5 * torch.maximum((V_new - G) ** 2, (V_clip - G) ** 2).mean()
         assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5), shift
+    # a micro-batch's loss is a share of its MINI-batch's token mean: these 6 tokens of a 10-token mini-batch
+    loss = vp.critic_loss(critic, eps, tok.pad_token_id, V_old, G, clip=0.2, n_tokens=10)
+    assert float(loss.detach()) == pytest.approx(float(expected) * 6 / 10, rel=1e-5)
 
 
 def test_whiten():
-    """(x - mean) / (population std + 1e-8): x = (1, 2, 3, 6) has mean 3 and std sqrt(3.5)."""
+    """(x - mean) / (population std + 1e-8): x = (1, 2, 3, 6) has mean 3 and std sqrt(3.5). The eps is the spec's
+    1e-8: (0, 2e-8) has std 1e-8, so it whitens to (-0.5, 0.5) (an eps of 1e-6 would give +-0.01). One token
+    whitens to 0."""
     x = torch.tensor([1.0, 2.0, 3.0, 6.0])
     torch.testing.assert_close(vp.whiten(x), (x - 3) / (3.5 ** 0.5 + 1e-8))
+    torch.testing.assert_close(vp.whiten(torch.tensor([0.0, 2e-8])), torch.tensor([-0.5, 0.5]), rtol=1e-3, atol=1e-4)
+    assert vp.whiten(torch.tensor([0.7])).tolist() == [0.0]
 
 
 # ---------------------------------------------------------------- the PPO loss as the loop calls it

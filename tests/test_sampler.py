@@ -170,6 +170,21 @@ def test_merge_partials_kernel_matches_torch(nrep, device):
             assert torch.equal(got[0], o2[0])  # no prefix column: the row's own part, exactly
 
 
+def test_merge_is_stable_at_large_log_sum_exps():
+    """The merge weighs the two parts by exp(lse - max): with both lse near 100 (exp overflows float32 at 88) it
+    stays finite and equals the merge of the same parts shifted down by 100."""
+    torch.manual_seed(1)
+    G, R, Hkv, D, nrep = 2, 2, 2, 8, 1
+    pad_idx = torch.arange(G * R)
+    o1, l1 = torch.randn(G, Hkv, R * nrep, D), torch.randn(G, Hkv, R * nrep) + 100
+    o2, l2 = torch.randn(G * R, Hkv, nrep, D), torch.randn(G * R, Hkv, nrep) + 100
+    shifted = ks._merge_partials_torch(o1, l1 - 100, o2, l2 - 100, pad_idx, R, torch.float32)
+    for merge in (ks._merge_partials_torch, ks._merge_partials_triton):   # the kernel in Triton's interpreter
+        got = merge(o1, l1, o2, l2, pad_idx, R, torch.float32)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, shifted)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_eos_ends_rows_exactly_with_compaction(device):
     """Rows of different prefixes hit EOS at different steps, so finished rows get compacted out while
@@ -247,6 +262,47 @@ def test_stop_strings_cut_exactly(sync_every, monkeypatch):
     other = _hf_greedy(model, [9], 24)
     oc = next((e for e in range(1, 25) if stop in tok.decode(other[:e])), None)
     assert toks[1][0] == (other[:oc] if oc else other) and fin[1][0] == (oc is not None)
+    # completed by the last token the budget allows: a stop (finished), not a cut at max_new_tokens
+    toks, fin = ks.sample_continuations(model, [prefix], k=2, max_new_tokens=cut, temperature=0, stop=(tok, [stop]))
+    assert toks == [[ref[:cut]] * 2] and fin == [[True, True]]
+
+
+class _PiecesTokenizer:
+    """Token i decodes to pieces[i]: multi-character tokens (str pieces), or byte tokens (bytes pieces, decoded
+    together as UTF-8, so one character may take several tokens)."""
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids):
+        parts = [self.pieces[i] for i in ids]
+        return b"".join(parts).decode("utf-8", errors="replace") if parts and isinstance(parts[0], bytes) else "".join(parts)
+
+    def batch_decode(self, seqs):
+        return [self.decode(s) for s in seqs]
+
+
+def _first_stop(stopper, prefix, new):
+    """Drive the stop checker as the decode loop does with a check after every step: the cut length, or None."""
+    context, checked = stopper.contexts([prefix])[0], 0
+    for t in range(len(new)):
+        lo = stopper.tail_start(checked)
+        (cut,) = stopper.cut_lengths([new[lo:t + 1]], lo, checked, [context])
+        if cut is not None:
+            return cut
+        checked = t + 1
+    return None
+
+
+def test_stop_checker_with_multi_character_and_byte_tokens():
+    """A stop string wholly inside a multi-character token of the prefix stops nothing ("aba" holds "ab"), one
+    completed later does; a stop string spelled by 5 byte tokens (an emoji's 4 UTF-8 bytes and "!") is found, at
+    the token completing it: the checker's window of len(stop) + 4 tokens covers up to 4 extra bytes."""
+    checker = ks._StopChecker((_PiecesTokenizer(["aba", "c", "b", "x"]), ["ab"]))
+    assert _first_stop(checker, [3, 0], [1, 1, 1]) is None
+    assert _first_stop(checker, [3, 0], [1, 3, 0, 1]) == 3
+    checker = ks._StopChecker((_PiecesTokenizer([bytes([b]) for b in range(256)]), ["\U0001F600!"]))
+    new = list(b"xy") + list("\U0001F600!".encode()) + list(b"zz")
+    assert _first_stop(checker, list(b"q"), new) == 2 + 5
 
 
 def test_stop_string_then_eos_between_host_checks(monkeypatch):

@@ -247,3 +247,33 @@ def test_arith_splits_are_disjoint_and_seeded():
     assert vp.load_problems("arith", "test") == test
     for row in test[:50]:   # every gold answer is what its solution computes
         assert vp.grade(row["solution"], row["answer"], "arith")
+
+
+def test_gsm8k_grades_the_line_after_the_last_marker():
+    """Spec 8: the answer is the text after the LAST "####" (a response may revise itself), its first line only;
+    commas go before the numeric comparison, so "1,000.0" is 1000, and majority voting keys agree."""
+    assert vp.grade("#### 5\nwait, recheck\n#### 7", "7", "gsm8k")
+    assert not vp.grade("#### 5\nwait, recheck\n#### 7", "5", "gsm8k")
+    assert vp.grade("#### 72\nThat is all.", "72", "gsm8k")
+    assert vp.grade("#### 1,000.0", "1000", "gsm8k")
+    assert vp.answer_key("1,000", "gsm8k") == vp.answer_key("1000", "gsm8k") == vp.answer_key("1000.00", "gsm8k")
+
+
+@pytest.mark.parametrize("text,steps", [
+    # a piece of exactly 20 characters is not "under 20": it stays a step of its own
+    ("abcdefghij abcdefgh.\nThen the rest of the solution follows here.",
+     ["abcdefghij abcdefgh.\n", "Then the rest of the solution follows here."]),
+    # a short LAST piece joins the one before it
+    ("We add the two numbers first and carry.\nSo $x=5$.", None),
+    # exactly 100 characters is not "over 100": no bisection
+    ("a" * 48 + ", " + "b" * 50, None),
+    # a bisection that would leave a piece under 20 characters is not made
+    ("ab, " + "c" * 120, None),
+    # a decimal point is not a sentence end
+    ("We compute the total value 12.5 apples and then continue working here.", None),
+    # "=" bisects only inside display math, never in plain text
+    ("x" * 50 + " = " + "y" * 60, None),
+])
+def test_math_step_thresholds(text, steps):
+    """The MATH splitter's bounds exactly (spec 3: merge pieces under 20 characters, bisect pieces over 100)."""
+    assert vp.split_steps(text, "math") == (steps or [text])

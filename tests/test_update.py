@@ -2,6 +2,8 @@
 each episode alone, gradient accumulation over micro-batches, the ratio at the first step, the skip rule; the
 learning-rate schedule, the data order and the checkpoint lookup that resume relies on."""
 import copy
+import itertools
+import types
 
 import pytest
 import torch
@@ -41,16 +43,24 @@ def test_token_logprobs_match_each_episode_alone(policy, micro_batch):
     torch.testing.assert_close(got.double(), per_episode_logprobs(model, EPISODES, 0.6), rtol=1e-5, atol=1e-5)
 
 
-def update(model, pad, micro_batch, **flags):
-    """One ppo_update of a copy of `model` (its own frozen copy as the reference) on EPISODES with fixed advantages."""
-    policy, reference = copy.deepcopy(model), copy.deepcopy(model).requires_grad_(False)
-    args = vp.parse_args(["--task", "gsm8k", "--model", "someone/any-model", "--mini-batch", "3", "--micro-batch", str(micro_batch),
-                          "--epochs", "1", "--lr", "1.0", *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]])
+def update_args(micro_batch, **flags):
+    return vp.parse_args(["--task", "gsm8k", "--model", "someone/any-model", "--mini-batch", "3", "--micro-batch",
+                          str(micro_batch), "--epochs", "1", "--lr", "1.0",
+                          *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]])
+
+
+def update(model, pad, micro_batch, reference=None, token_adv=None, **flags):
+    """One ppo_update of a copy of `model` (its own frozen copy as the reference unless given) on EPISODES with
+    fixed advantages."""
+    policy = copy.deepcopy(model)
+    reference = copy.deepcopy(model).requires_grad_(False) if reference is None else reference
+    args = update_args(micro_batch, **flags)
     # SGD, not the run's AdamW: its step is linear in the gradient, so equal gradients give equal steps (AdamW's
     # first step is about lr * sign(g), which a rounding difference in a near-zero gradient flips)
     optimizer = torch.optim.SGD(policy.parameters(), lr=args.lr)
     scheduler = vp.warmup_linear_schedule(optimizer, 10, 0.0)
-    token_adv = [torch.linspace(-1, 1, len(e.response_ids)) * (i + 1) for i, e in enumerate(EPISODES)]
+    if token_adv is None:
+        token_adv = [torch.linspace(-1, 1, len(e.response_ids)) * (i + 1) for i, e in enumerate(EPISODES)]
     torch.manual_seed(0)
     stats = vp.ppo_update(policy, reference, optimizer, scheduler, EPISODES, token_adv, args, pad)
     return policy, stats, scheduler
@@ -83,6 +93,99 @@ def test_skip_rule_leaves_the_policy_and_the_schedule_alone(policy):
     assert stats["update/steps"] == 0 and stats["update/skipped"] == 1
     assert scheduler.last_epoch == 0
     assert all(torch.equal(a, b) for a, b in zip(skipped.parameters(), model.parameters()))
+    assert all(p.grad is None for p in skipped.parameters())   # nothing left to leak into the next mini-batch
+
+
+@pytest.mark.parametrize("big,skipped", [(40.0, 0), (60.0, 1)])
+def test_skip_rule_takes_the_token_mean_ratio_of_the_mini_batch(policy, monkeypatch, big, skipped):
+    """Spec 1 skips on the mini-batch's MEAN ratio over tokens, however it is split into micro-batches: the
+    2-token episode's ratio set to `big`, the other 9 tokens' to 1, is a mean of (2 big + 9) / 11 = 8.1 (kept)
+    or 11.7 (skipped); its max (40) is over 10 either way, and so is its micro-batch's own mean."""
+    model, pad = policy
+    real = vp.kernels.ppo_loss
+
+    def ratios_set(*a, **kw):
+        loss, stats = real(*a, **kw)
+        return loss, dict(stats, ratio=torch.where(torch.isin(a[2], torch.tensor([30, 31])), big, 1.0))
+    monkeypatch.setattr(vp.kernels, "ppo_loss", ratios_set)
+    _, stats, _ = update(model, pad, micro_batch=1)
+    assert stats["update/skipped"] == skipped
+
+
+@pytest.mark.parametrize("advantage,whitened", [("vine", True), ("critic", True), ("grpo", False), ("rloo", False)])
+def test_advantages_are_whitened_per_mini_batch(policy, monkeypatch, advantage, whitened):
+    """Spec 1: VinePPO's and PPO's advantages are whitened over each mini-batch's tokens (mean 0, population std 1),
+    not over the iteration; GRPO's and RLOO's reach the loss as they are. The loss gets the run's clip, KL
+    coefficient and temperature."""
+    model, pad = policy
+    calls, real = [], vp.kernels.ppo_loss
+    monkeypatch.setattr(vp.kernels, "ppo_loss", lambda *a, **kw: (calls.append((a[5].clone(), kw)), real(*a, **kw))[1])
+    token_adv = [torch.linspace(-1, 1, len(e.response_ids)) * (i + 1) + i for i, e in enumerate(EPISODES)]
+    policy_copy = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(policy_copy.parameters(), lr=0.0)
+    args = update_args(2, mini_batch=2, advantage=advantage, samples_per_prompt=2, clip_eps=0.3, kl_coef=0.01)
+    vp.ppo_update(policy_copy, copy.deepcopy(model), optimizer, vp.warmup_linear_schedule(optimizer, 10, 0.0),
+                  EPISODES, token_adv, args, pad)
+    assert len(calls) == 2   # mini-batches of 2 and 1 episodes, one micro-batch each
+    raw = [torch.cat([token_adv[i] for i in order]) for n in (1, 2) for order in itertools.permutations(range(3), n)]
+    for A, kw in calls:
+        assert (kw["clip_eps"], kw["kl_coef"], kw["temperature"]) == (0.3, 0.01, args.temperature)
+        if whitened:
+            assert abs(float(A.mean())) < 1e-5 and float(A.std(unbiased=False)) == pytest.approx(1.0, abs=1e-4)
+        else:
+            assert any(A.shape == r.shape and torch.equal(A, r) for r in raw)
+
+
+def test_kl_to_the_reference_in_the_update(policy):
+    """With a reference that differs from the policy and advantages 0, the step is the KL term's gradient alone:
+    loss/kl is the k3 estimator (clamped to [0, 10]) summed over each response and averaged over the mini-batch's
+    sequences, computed here from each episode's own float64 forward; 1 or 3 micro-batches take the same step.
+    (No gradient clipping: it would hide a uniformly scaled gradient.)"""
+    model, pad = policy
+    reference = copy.deepcopy(model).requires_grad_(False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    zeros = [torch.zeros(len(e.response_ids)) for e in EPISODES]
+    runs = [update(model, pad, micro_batch=m, reference=reference, token_adv=zeros, kl_coef=1.0, max_grad_norm=1e9,
+                   lr=1e-3) for m in (1, 3)]
+    logp, ref_logp = (per_episode_logprobs(m, EPISODES, vp.Args().temperature) for m in (model, reference))
+    k3 = (torch.exp(ref_logp - logp) - (ref_logp - logp) - 1).clamp(0, 10)
+    for _, stats, _ in runs:
+        assert stats["loss/kl"] == pytest.approx(float(k3.sum()) / len(EPISODES), rel=1e-4)
+    assert runs[0][1]["update/grad_norm"] == pytest.approx(runs[1][1]["update/grad_norm"], rel=1e-4)
+    assert max(float((a - b).detach().abs().max()) for a, b in zip(runs[1][0].parameters(), model.parameters())) > 1e-7
+    for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_critic_micro_batches_accumulate_to_the_mini_batch_step(policy, tmp_path):
+    """--advantage critic: the value loss of 1 or 3 micro-batches is scaled by the mini-batch's tokens, so the
+    critic takes the same step (and the logged loss is the same)."""
+    model, pad = policy
+    folder = save_random_model(tmp_path / "m", "llama")
+    episodes = [vp.Episode(prompt_ids=e.prompt_ids, response_ids=e.response_ids, reward=float(i % 2))
+                for i, e in enumerate(EPISODES)]
+    runs = []
+    for micro in (1, 3):
+        critic = vp.make_critic(folder, torch.device("cpu"))
+        torch.manual_seed(0)
+        torch.nn.init.normal_(critic["head"].weight, std=0.5)
+        args = update_args(micro, advantage="critic", max_grad_norm=1e9)
+        adv, stats = vp.critic_advantages(None, types.SimpleNamespace(pad_token_id=pad), episodes, args, "gsm8k",
+                                          critic=critic)
+        policy_copy = copy.deepcopy(model)
+        optimizer, critic_optimizer = torch.optim.SGD(policy_copy.parameters(), lr=0.0), torch.optim.SGD(
+            critic.parameters(), lr=1e-2)
+        torch.manual_seed(0)
+        out = vp.ppo_update(policy_copy, copy.deepcopy(model), optimizer, vp.warmup_linear_schedule(optimizer, 10, 0.0),
+                            episodes, adv, args, pad, critic, critic_optimizer,
+                            vp.warmup_linear_schedule(critic_optimizer, 10, 0.0), {"V_old": stats["V_old"], "G": stats["G"]})
+        runs.append((critic, out))
+    assert runs[0][1]["loss/total"] == pytest.approx(runs[1][1]["loss/total"], rel=1e-5)
+    for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_warmup_then_linear_decay_closed_form():
