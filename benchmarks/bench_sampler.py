@@ -142,6 +142,19 @@ def cpu_rows(args):
         speed = (ours["new"] / ours["seconds"]) / (gen["new"] / gen["seconds"])
         print(f"{name:<26}{'ratio ours/generate':<22}{'':>7}{gen['cpu'] / ours['cpu']:>6.1f}x{speed:>10.1f}x"
               f"{gen['prefill'] / ours['prefill']:>7.1f}x less")
+        if args.compile:   # ours with torch.compile'd decoder layers, after warm-up runs that hold the compile
+            ks.SAMPLER_COMPILE = True
+            try:
+                t0 = time.perf_counter()
+                run_ours(model, states[:8], K, 4)
+                run_ours(model, states[:16], K, 4)
+                warm = time.perf_counter() - t0
+                r = run_ours(model, states, K, T)
+            finally:
+                ks.SAMPLER_COMPILE = False
+            print(f"{name:<26}{'ours, compiled':<22}{r['seconds']:>7.2f}{r['cpu']:>7.2f}{r['new'] / r['seconds']:>11.0f}"
+                  f"{r['prefill']:>13}   (compile warm-up {warm:.1f} s; ours / compiled, cpu s: "
+                  f"{ours['cpu'] / r['cpu']:.2f}x)")
 
 
 def bandwidth_gbs(device):
@@ -374,7 +387,7 @@ def main():
                     help="GPU: also time ours with batches sized to these shares of the free memory (the sampler's "
                          "kernels.SAMPLER_MEMORY_FRACTION is 0.7)")
     ap.add_argument("--compile", action="store_true",
-                    help="GPU: also time ours with torch.compile'd decoder layers (kernels.SAMPLER_COMPILE), at the "
+                    help="also time ours with torch.compile'd decoder layers (kernels.SAMPLER_COMPILE); on a GPU at the "
                          "default memory share and at each --memory-fraction")
     ap.add_argument("--compile-baseline", action="store_true",
                     help="GPU: let generate torch.compile its static-cache forward (slow to compile)")
