@@ -660,3 +660,75 @@ def test_fp32_model_under_bf16_autocast(backend, monkeypatch):
         toks, _ = ks.sample_continuations(model, PREFIXES[:4], k=2, max_new_tokens=4, temperature=0)
         refs = [_hf_greedy(model, p, 4) for p in PREFIXES[:4]]
     assert toks == [[r, r] for r in refs]
+
+
+# ---------------------------------------------------------------- the batch planner, the prefill chunks, the draw's boundaries
+
+
+def test_split_nest_parts_fit_the_batch_budget(monkeypatch):
+    """One nest of many rows split across batches: each part is charged its prefix buffer too."""
+    model = _llama()
+    bytes_tok, vocab = ks._probe(model)
+    per_row = 2 + -(-24 * vocab // bytes_tok)
+    seen, real_run = [], ks._run_batch
+    monkeypatch.setattr(ks, "_run_batch", lambda m, units, *a: (seen.append(units), real_run(m, units, *a))[1])
+    prefix = [1] * 40
+    toks, _ = ks.sample_continuations(model, [prefix], k=40, max_new_tokens=2, temperature=0, max_batch_tokens=150)
+    assert toks == [[_hf_greedy(model, prefix, 2)] * 40]
+    assert len(seen) > 1
+    for units in seen:
+        rows = sum(len(members) for _, members in units)
+        assert len(units) * max(len(L) for L, _ in units) + rows * per_row <= 150
+
+
+def test_prefill_in_chunks_equals_one_chunk(monkeypatch):
+    """_prefill chunks the leaders' forward (prefill_tokens): with one leader per chunk the greedy tokens still
+    equal HF generate's (the chunks' KV must land in their own rows of the prefix buffer)."""
+    model = _llama(2)
+    real_run = ks._run_batch
+    monkeypatch.setattr(ks, "_run_batch", lambda *a: real_run(*a[:-1], 1))     # prefill_tokens = 1: a chunk per leader
+    toks, _ = ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=4, temperature=0)
+    assert toks == [[_hf_greedy(model, p, 4)] * 2 for p in PREFIXES]
+
+
+def test_top_p_boundary_exactly_at_the_mass_excludes_the_next_token():
+    """Four equally likely tokens, top_p = 0.5: the mass before the third is exactly 0.5, not < 0.5: two are kept."""
+    logits = torch.zeros(64, 4)
+    u = (torch.arange(64) + 0.5) / 64
+    got = ks._sample_next_torch(logits, 1.0, 0.5, u)
+    assert set(got.tolist()) == {0, 1}
+
+
+def test_batches_charge_the_logits_scratch_per_row(monkeypatch):
+    """A batch's budget includes each row's logits / sort scratch (24 bytes per vocabulary entry): with a large
+    vocabulary it, not the KV, bounds the rows of a batch."""
+    model = _llama(vocab=2000)
+    bytes_tok, vocab = ks._probe(model)
+    per_row = 2 + -(-24 * vocab // bytes_tok)
+    assert per_row > 50
+    seen, real_run = [], ks._run_batch
+    monkeypatch.setattr(ks, "_run_batch", lambda m, units, *a: (seen.append(units), real_run(m, units, *a))[1])
+    prefixes = [[i + 2, i + 3] for i in range(6)]
+    toks, _ = ks.sample_continuations(model, prefixes, k=2, max_new_tokens=2, temperature=0, max_batch_tokens=400)
+    assert toks == [[_hf_greedy(model, p, 2)] * 2 for p in prefixes]
+    assert len(seen) > 1
+    for units in seen:
+        rows = sum(len(members) for _, members in units)
+        assert len(units) * max(len(L) for L, _ in units) + rows * per_row <= 400
+
+
+def test_nested_prefixes_are_prefilled_once_per_leader():
+    """PREFIXES nest as [3,1,4,1,5] < [.., 9,2,6] < [14 tokens] (and a duplicate): only the leaders are prefilled,
+    each minus its last token: 13 + 0 + 20 tokens."""
+    model = _llama()
+    ks.SAMPLER_STATS["prefill_tokens"] = 0
+    ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=2, temperature=0)
+    assert ks.SAMPLER_STATS["prefill_tokens"] == 13 + 0 + 20
+
+
+def test_inverse_cdf_picks_the_first_token_whose_cdf_reaches_u():
+    """Equal logits, u on the cdf's steps exactly: the token whose cdf equals u is drawn (cdf >= u), on both paths."""
+    logits = torch.zeros(4, 4)
+    u = torch.tensor([0.25, 0.5, 0.75, 1.0])
+    assert ks._sample_next_torch(logits, 1.0, 1.0, u).tolist() == [0, 1, 2, 3]
+    assert ks._top_p_sample_triton(logits, 1.0, 1.0, u).tolist() == [0, 1, 2, 3]

@@ -4,6 +4,7 @@ import random
 import pytest
 
 import vineppo as vp
+from conftest import write_jsonl
 
 GSM8K_SOLUTION = (
     "\nNatalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
@@ -277,3 +278,50 @@ def test_gsm8k_grades_the_line_after_the_last_marker():
 def test_math_step_thresholds(text, steps):
     """The MATH splitter's bounds exactly (spec 3: merge pieces under 20 characters, bisect pieces over 100)."""
     assert vp.split_steps(text, "math") == (steps or [text])
+
+
+# ---------------------------------------------------------------- evaluation and data loading
+def _fake_eval(monkeypatch, texts, done, gold_greedy=True):
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, k, max_new_tokens, temperature, top_p, desc):
+        calls.append((k, max_new_tokens, temperature, top_p))
+        if k == 1:
+            return [[[0]] for _ in prompts], [[gold_greedy] for _ in prompts]
+        return [[[i] for i in range(len(texts))] for _ in prompts], [list(done) for _ in prompts]
+
+    monkeypatch.setattr(vp, "generate", fake_generate)
+    monkeypatch.setattr(vp, "decode", lambda tokenizer, ids: texts[ids[0]])
+    monkeypatch.setattr(vp, "encode_prompt", lambda tokenizer, problem, task: [1])
+    return calls
+
+
+@pytest.mark.parametrize("answers,expected_maj", [
+    (["5", "72", "72"], 1.0),                           # the majority class is not the first sample's
+    (["7", "72", "5", "72", "72.0"], 1.0),
+    ([None, None, None, "72", "72"], 1.0),              # samples without an answer do not vote
+    ([None, None, "5"], 0.0),
+])
+def test_evaluate_majority_is_graded_as_its_class_and_ignores_no_answer(answers, expected_maj, monkeypatch):
+    texts = [f"#### {a}" if a is not None else "no final line" for a in answers]
+    _fake_eval(monkeypatch, texts, [True] * len(texts))
+    args = vp.parse_args(["--eval-samples", str(len(texts))])
+    out = vp.evaluate(None, None, [{"problem": "p", "answer": "72"}], args, "gsm8k")
+    assert out[f"eval/maj@{len(texts)}"] == expected_maj
+
+
+def test_evaluate_samples_greedy_at_temperature_zero_and_the_rest_at_eval_settings(monkeypatch):
+    calls = _fake_eval(monkeypatch, ["#### 72", "#### 72"], [True, True])
+    args = vp.parse_args(["--eval-samples", "2", "--eval-temperature", "0.35", "--temperature", "0.6", "--top-p", "0.9",
+                          "--max-new-tokens", "33"])
+    vp.evaluate(None, None, [{"problem": "p", "answer": "72"}], args, "gsm8k")
+    assert calls == [(1, 33, 0.0, 1.0), (2, 33, 0.35, 0.9)]
+
+
+def test_load_problems_answer_rules(tmp_path, capsys):
+    gsm = write_jsonl(tmp_path / "g.jsonl", [{"question": "a", "answer": "x #### 4 #### 5"},
+                                              {"question": "b", "answer": "so\n#### "}])
+    assert [r["answer"] for r in vp.load_problems("gsm8k", "train", gsm)] == ["5"]     # the last marker; "" dropped
+    math_rows = write_jsonl(tmp_path / "m.jsonl", [{"problem": "p", "solution": "so $\\boxed{2}$", "answer": "\\frac{4}{2}"},
+                                                   {"problem": "q", "solution": "so $\\boxed{}$"}])
+    assert [r["answer"] for r in vp.load_problems("math", "test", math_rows)] == ["\\frac{4}{2}"]   # the field wins

@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
 import vineppo as vp
 from conftest import DEVICES, save_random_model, write_jsonl
 
+ARITH = "0123456789+-*=# \n"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo's own SFT model (DEMO_DEFAULTS, trained once per session into demo_cache), smaller iterations.
 SMALL = ["--prompts-per-iteration", "16", "--samples-per-prompt", "4", "--k", "2",
@@ -327,3 +329,59 @@ def test_models_that_rescale_their_logits_are_refused(tmp_path, arch):
     model.save_pretrained(folder)
     with pytest.raises(AssertionError, match="this model's forward differs"):
         vp.load_policy(folder, torch.device("cpu"), vp.parse_args(["--model", folder]))
+
+
+# ---------------------------------------------------------------- position limits and resume
+def test_fit_positions_bounds_exactly(tmp_path):
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=40))
+    tok = vp.build_char_tokenizer(ARITH + "x")
+    args = vp.parse_args(["--model", "someone/any-model", "--max-new-tokens", "20"])   # room 30 prompt tokens
+    rows = [{"problem": "x" * n, "answer": "1"} for n in (29, 30)]                     # prompts of 30 and 31 tokens
+    assert vp.fit_positions(rows, tok, model, args, "arith") == rows[:1]             # exactly the room: kept
+    args.max_new_tokens = 2                                                          # room 39
+    rows = [{"problem": "x" * n, "answer": "1"} for n in (5, 40)]                    # 6 and 41 tokens
+    assert vp.fit_positions(rows, tok, model, args, "arith") == rows[:1]             # the longest decides the shortcut
+
+
+def test_fit_positions_shortcut_holds_for_several_tokens_per_character():
+    """The no-encode shortcut must hold for byte-level tokenizers (up to 4 tokens per character)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    core = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=40))
+    args = vp.parse_args(["--model", "someone/any-model", "--max-new-tokens", "2"])   # room 39
+    rows = [{"problem": "\u00e9" * 30, "answer": "1"}]                                # 31 characters, 61 tokens
+    assert len(vp.encode_prompt(tok, rows[0]["problem"], "arith")) == 61
+    with pytest.raises(SystemExit, match="no training problem fits"):
+        vp.fit_positions(rows, tok, model, args, "arith")
+
+
+ALLOWED = {"out", "resume", "device", "save_every", "eval_every", "eval_problems", "eval_samples", "eval_temperature",
+           "value_analysis", "test_file", "gradient_checkpointing", "micro_batch"}
+
+
+def _other(v):
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, (int, float)):
+        return v + 1
+    if isinstance(v, str):
+        return v + "-other"
+    return "other"
+
+
+def test_resume_refuses_every_run_defining_flag(tmp_path):
+    args = vp.parse_args(["--model", "someone/any-model", "--task", "math", "--out", str(tmp_path)])
+    saved = dataclasses.asdict(args) | {"resolved_model": "someone/any-model"}
+    for f in dataclasses.fields(vp.Args):
+        with open(tmp_path / "config.json", "w") as fh:
+            json.dump(saved | {f.name: _other(saved[f.name])}, fh)
+        if f.name in ALLOWED:
+            vp.check_resume(args, "someone/any-model")
+        else:
+            with pytest.raises(SystemExit, match=f"--resume with other settings .*{f.name} "):
+                vp.check_resume(args, "someone/any-model")

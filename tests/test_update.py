@@ -237,3 +237,61 @@ def test_generate_stops_on_the_tokenizers_and_the_models_eos(config_eos, expecte
     vp.generate(model, tok, [[1, 2, 3]], 2, 8, 0.6, 0.9, desc="test")
     assert seen["eos_token_ids"] == expected and seen["stop"] == (tok, vp.STOP_STRINGS)
     assert seen["temperature"] == 0.6 and seen["top_p"] == 0.9
+
+
+# ---------------------------------------------------------------- the update against plain autograd; dropout
+def test_update_step_is_minus_lr_times_the_autograd_gradient(tmp_path):
+    """One SGD step of ppo_update (zero advantages, KL to a perturbed reference, no clipping) equals -lr times the
+    gradient of the spec's loss computed by plain autograd on full logits, for every parameter, lm_head included."""
+    folder = save_random_model(tmp_path / "llama", "llama")
+    model, tok = vp.load_policy(folder, torch.device("cpu"), vp.parse_args(["--model", folder, "--task", "gsm8k"]))
+    model.eval()
+    episodes = [vp.Episode(prompt_ids=[5, 6, 7], response_ids=[8, 9, 10, 11, 12]),
+                vp.Episode(prompt_ids=[20, 21, 22, 23, 24, 25], response_ids=[30, 31])]
+    reference = copy.deepcopy(model).requires_grad_(False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    args = vp.parse_args(["--task", "gsm8k", "--model", "someone/any-model", "--mini-batch", "2", "--micro-batch", "2",
+                          "--epochs", "1", "--lr", "1.0", "--kl-coef", "1.0", "--max-grad-norm", "1e9"])
+    policy = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=args.lr)
+    torch.manual_seed(0)
+    vp.ppo_update(policy, reference, optimizer, vp.warmup_linear_schedule(optimizer, 10, 0.0), episodes,
+                  [torch.zeros(len(e.response_ids)) for e in episodes], args, tok.pad_token_id)
+    oracle = copy.deepcopy(model)
+    loss = 0.0
+    for e in episodes:
+        P, L = len(e.prompt_ids), len(e.response_ids)
+        ids = torch.tensor([e.prompt_ids + e.response_ids])
+        logp = torch.log_softmax(oracle(ids).logits[0, P - 1:P + L - 1] / args.temperature, -1)
+        logp = logp.gather(1, torch.tensor(e.response_ids)[:, None])[:, 0]
+        with torch.no_grad():
+            ref = torch.log_softmax(reference(ids).logits[0, P - 1:P + L - 1] / args.temperature, -1)
+            ref = ref.gather(1, torch.tensor(e.response_ids)[:, None])[:, 0]
+        loss = loss + ((ref - logp).exp() - (ref - logp) - 1).clamp(0, 10).sum() / len(episodes)
+    loss.backward()
+    head = oracle.get_output_embeddings().weight
+    assert float(head.grad.abs().max()) > 0
+    for (name, a), p0, b in zip(policy.named_parameters(), model.parameters(), oracle.parameters()):
+        want = -args.lr * b.grad
+        assert float((a - p0 - want).norm()) <= 1e-3 * float(want.norm()) + 1e-12, name
+
+
+def test_without_dropout_zeroes_rates_named_pdrop():
+    """DBRX reads its residual dropout from a float attribute `resid_pdrop` at every forward."""
+    from transformers import DbrxConfig, DbrxForCausalLM
+    torch.manual_seed(0)
+    model = DbrxForCausalLM(DbrxConfig(d_model=32, n_heads=4, n_layers=1, max_seq_len=64, vocab_size=50,
+                                       resid_pdrop=0.5, emb_pdrop=0.5,
+                                       attn_config=dict(kv_n_heads=2, attn_pdrop=0.5, rope_theta=1e4, clip_qkv=8.0),
+                                       ffn_config=dict(ffn_hidden_size=32, moe_num_experts=2, moe_top_k=1),
+                                       rope_parameters=dict(rope_type="default", rope_theta=1e4)))
+    vp.without_dropout(model)
+    ids = torch.arange(3, 20).unsqueeze(0)
+    model.eval()
+    want = model(ids).logits
+    model.train()
+    torch.manual_seed(0)
+    assert torch.equal(model(ids).logits, want)

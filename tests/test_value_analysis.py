@@ -2,6 +2,7 @@
 known exactly, the critic read at the right position, and the whole analysis on a model whose values
 have a closed form."""
 import math
+import types
 
 import pytest
 import torch
@@ -157,7 +158,6 @@ def test_compare_methods_table_on_synthetic_runs(tmp_path):
     import importlib.util
     import json
     import os
-    import types
     spec = importlib.util.spec_from_file_location("compare_methods", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compare_methods.py"))
     cm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cm)
@@ -185,3 +185,101 @@ def test_compare_methods_table_on_synthetic_runs(tmp_path):
     # the critic's best mean is 0.6 (iterations 2 and 4): vine's mean curve first reaches it at iteration 2
     row = next(line for line in text.splitlines() if line.startswith("| vine | 2 | 0.750"))
     assert row.split("|")[-3].strip() == "2" and "critic's best (0.600)" in text
+
+
+# ---------------------------------------------------------------- the analysis's bookkeeping, with the sampler and estimators as tables
+class _FakePolicy(torch.nn.Linear):
+    def __init__(self, positions):
+        super().__init__(1, 1)
+        self.config = types.SimpleNamespace(max_position_embeddings=positions)
+
+
+def _va_fakes(monkeypatch, tok, responses, alternatives, truth, mc, critic):
+    """generate / mc_state_values / critic_state_values replaced by tables keyed by decoded text."""
+    dec = lambda ids: vp.decode(tok, ids)  # noqa: E731
+    enc = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
+    seen = {}
+
+    def fake_generate(model, tokenizer, prefixes, k, max_new_tokens, temperature, top_p, desc):
+        seen.setdefault(desc, []).append((list(map(dec, prefixes)), max_new_tokens))
+        if desc == "sampling":
+            return [[enc(responses[dec(p)]) + [tok.eos_token_id]] for p in prefixes], [[True] for _ in prefixes]
+        out, fin = [], []
+        for p in prefixes:
+            conts = alternatives.get(dec(p), [("#### 2", True), ("#### 3", True)] * 3)[:k]
+            out.append([enc(c) for c, _ in conts])
+            fin.append([d for _, d in conts])
+        return out, fin
+
+    def values(table):
+        return lambda states: [table[dec(p + w)] for p, w, _ in states]
+
+    monkeypatch.setattr(vp, "generate", fake_generate)
+    monkeypatch.setattr(vp, "mc_state_values", lambda m, t, states, k, a, task: values(truth if k == 256 else mc)(states))
+    monkeypatch.setattr(vp, "critic_state_values", lambda c, states, pad, mb: values(critic)(states))
+    return seen
+
+
+def test_value_analysis_ranking_bookkeeping_exact(monkeypatch):
+    """value_analysis with the sampler and the estimators replaced by tables: states, alternatives (cut after
+    their first new step, duplicates merged, a finished one worth its reward, one cut at the cap worth 0),
+    ranking (ties within `tie`, ties in the estimate averaged, uninformative states skipped), all exact."""
+    tok = vp.build_char_tokenizer(ARITH)
+    responses = {"1+1\n": "1\n2\n3\n#### 2", "2+2\n": "33\n4\n#### 4"}
+    alternatives = {
+        "1+1\n": [("4\n9\n8\n", True), ("5\n9\n", True), ("#### 2", False), ("6\n7\n", True), ("1\n5\n6\n", True)],
+        "1+1\n1\n": [("7\n1\n", True), ("8\n1\n", True), ("#### 5", True), ("7\n2\n", True), ("9\n3\n", True)],
+        "2+2\n": [("7\n1\n", True), ("8\n1\n", True), ("9\n1\n", True), ("7\n5\n", True), ("8\n5\n", True)],
+    }
+    truth = {"1+1\n": 0.5, "1+1\n1\n": 0.6, "1+1\n1\n2\n": 0.8, "2+2\n": 0.3,
+             "1+1\n4\n": 0.3, "1+1\n5\n": 0.9, "1+1\n6\n": 0.2,
+             "1+1\n1\n7\n": 0.1, "1+1\n1\n8\n": 0.42, "1+1\n1\n9\n": 0.45,
+             "2+2\n7\n": 0.5, "2+2\n8\n": 0.52, "2+2\n9\n": 0.49}
+    mc = {"1+1\n": 0.25, "1+1\n1\n": 0.75, "1+1\n1\n2\n": 1.0, "2+2\n": 0.5,
+          "1+1\n4\n": 0.75, "1+1\n5\n": 0.5, "1+1\n6\n": 0.5,
+          "1+1\n1\n7\n": 0.75, "1+1\n1\n8\n": 0.25, "1+1\n1\n9\n": 0.75,
+          "2+2\n7\n": 0.0, "2+2\n8\n": 0.25, "2+2\n9\n": 0.5}
+    critic = {"1+1\n": 0.1, "1+1\n1\n": 0.2, "1+1\n1\n2\n": 0.3, "2+2\n": 0.4,
+              "1+1\n4\n": 0.8, "1+1\n5\n": 0.1, "1+1\n6\n": 0.2,
+              "1+1\n1\n7\n": 0.3, "1+1\n1\n8\n": 0.6, "1+1\n1\n9\n": 0.1,
+              "2+2\n7\n": 0.0, "2+2\n8\n": 0.0, "2+2\n9\n": 0.0}
+    seen = _va_fakes(monkeypatch, tok, responses, alternatives, truth, mc, critic)
+    args = vp.Args(k=4, max_new_tokens=30, temperature=1.0, top_p=1.0)
+    rows = [{"problem": "1+1", "answer": "2"}, {"problem": "2+2", "answer": "4"}]
+    out = vp.value_analysis(_FakePolicy(1000), tok, rows, args, "arith", critic=object(), n_states=4, n_truth=256,
+                            alternatives=5)
+    # 5 states (3 + 2), the first 4 kept; the ranked ones are those before a response's last step
+    assert [(s["i"], s["n"], s["written"]) for s in out["per_state"]] == [(0, 3, ""), (1, 3, "1\n"), (2, 3, "1\n2\n"),
+                                                                          (0, 2, "")]
+    assert seen["alternatives"] == [(["1+1\n", "1+1\n1\n", "2+2\n"], [30, 28, 30])]
+    assert [s["truth"] for s in out["per_state"]] == [0.5, 0.6, 0.8, 0.3]
+    assert out["mae"]["mc"] == pytest.approx((0.25 + 0.15 + 0.2 + 0.2) / 4)
+    assert out["mae"]["critic"] == pytest.approx((0.4 + 0.4 + 0.5 + 0.1) / 4)
+    assert out["mae_by_position"]["count"] == [2, 1, 0, 1, 0]
+    # 4 states + 10 alternatives, one of which ("1+1\n" + "1\n") is the state s_1 itself: 13 distinct
+    assert out["rollouts"] == 13 * (256 + 4)
+    rank = out["ranking"]
+    # s_0 of 1+1: true [0.3, 0.9, 0 (cut at the cap), 0.2, 0.6]; s_1: [0.1, 0.42, 0 (finished, wrong), 0.45];
+    # s_0 of 2+2: [0.5, 0.52, 0.49], all within the tie: skipped
+    assert (rank["states"], rank["skipped"]) == (2, 1)
+    assert rank["top1"]["chance"] == pytest.approx((1 / 5 + 2 / 4) / 2)
+    # mc: s_0's top estimate 0.75 is shared by "4" (0.3) and "1" (0.6): 0; s_1's by "7" (0.1) and "9" (0.45): 1/2
+    assert rank["top1"]["mc"] == pytest.approx((0 + 1 / 2) / 2)
+    # critic: s_0's top is "4" (0.3): 0; s_1's is "8" (0.42, within the tie of 0.45): 1
+    assert rank["top1"]["critic"] == pytest.approx((0 + 1) / 2)
+
+
+def test_value_analysis_states_respect_max_states_and_the_position_limit(monkeypatch):
+    tok = vp.build_char_tokenizer(ARITH)
+    responses = {"1+1\n": "1\n22\n3\n4\n#### 2"}            # steps start at 0, 2, 5, 7
+    table = {"1+1\n" + w: 0.5 for w in ("", "1\n", "1\n22\n", "1\n22\n3\n")}
+    _va_fakes(monkeypatch, tok, responses, {}, table, table, table)
+    rows = [{"problem": "1+1", "answer": "2"}]
+    P = len(vp.encode_prompt(tok, "1+1", "arith"))
+    capped = vp.value_analysis(_FakePolicy(1000), tok, rows, vp.Args(k=4, max_new_tokens=30, max_states=2), "arith",
+                               n_states=10, n_truth=256, n_rank=0)
+    assert [s["written"] for s in capped["per_state"]] == ["", "1\n"]
+    # a state at the end of the model's positions (prompt + 5 tokens = the limit) has nothing to continue
+    limited = vp.value_analysis(_FakePolicy(P + 5), tok, rows, vp.Args(k=4, max_new_tokens=30), "arith",
+                                n_states=10, n_truth=256, n_rank=0)
+    assert [s["written"] for s in limited["per_state"]] == ["", "1\n"]
