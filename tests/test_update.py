@@ -136,17 +136,23 @@ def test_advantages_are_whitened_per_mini_batch(policy, monkeypatch, advantage, 
             assert any(A.shape == r.shape and torch.equal(A, r) for r in raw)
 
 
+def perturbed_reference(model):
+    """A frozen reference that differs from the policy: its weights plus 0.05 N(0, 1) noise."""
+    reference = copy.deepcopy(model).requires_grad_(False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return reference
+
+
 def test_kl_to_the_reference_in_the_update(policy):
     """With a reference that differs from the policy and advantages 0, the step is the KL term's gradient alone:
     loss/kl is the k3 estimator (clamped to [0, 10]) summed over each response and averaged over the mini-batch's
     sequences, computed here from each episode's own float64 forward; 1 or 3 micro-batches take the same step.
     (No gradient clipping: it would hide a uniformly scaled gradient.)"""
     model, pad = policy
-    reference = copy.deepcopy(model).requires_grad_(False)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    reference = perturbed_reference(model)
     zeros = [torch.zeros(len(e.response_ids)) for e in EPISODES]
     runs = [update(model, pad, micro_batch=m, reference=reference, token_adv=zeros, kl_coef=1.0, max_grad_norm=1e9,
                    lr=1e-3) for m in (1, 3)]
@@ -240,29 +246,17 @@ def test_generate_stops_on_the_tokenizers_and_the_models_eos(config_eos, expecte
 
 
 # ---------------------------------------------------------------- the update against plain autograd; dropout
-def test_update_step_is_minus_lr_times_the_autograd_gradient(tmp_path):
+def test_update_step_is_minus_lr_times_the_autograd_gradient(policy):
     """One SGD step of ppo_update (zero advantages, KL to a perturbed reference, no clipping) equals -lr times the
     gradient of the spec's loss computed by plain autograd on full logits, for every parameter, lm_head included."""
-    folder = save_random_model(tmp_path / "llama", "llama")
-    model, tok = vp.load_policy(folder, torch.device("cpu"), vp.parse_args(["--model", folder, "--task", "gsm8k"]))
-    model.eval()
-    episodes = [vp.Episode(prompt_ids=[5, 6, 7], response_ids=[8, 9, 10, 11, 12]),
-                vp.Episode(prompt_ids=[20, 21, 22, 23, 24, 25], response_ids=[30, 31])]
-    reference = copy.deepcopy(model).requires_grad_(False)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    args = vp.parse_args(["--task", "gsm8k", "--model", "someone/any-model", "--mini-batch", "2", "--micro-batch", "2",
-                          "--epochs", "1", "--lr", "1.0", "--kl-coef", "1.0", "--max-grad-norm", "1e9"])
-    policy = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(policy.parameters(), lr=args.lr)
-    torch.manual_seed(0)
-    vp.ppo_update(policy, reference, optimizer, vp.warmup_linear_schedule(optimizer, 10, 0.0), episodes,
-                  [torch.zeros(len(e.response_ids)) for e in episodes], args, tok.pad_token_id)
+    model, pad = policy
+    reference = perturbed_reference(model)
+    updated, _, _ = update(model, pad, micro_batch=3, reference=reference,
+                           token_adv=[torch.zeros(len(e.response_ids)) for e in EPISODES], kl_coef=1.0, max_grad_norm=1e9)
+    args = update_args(3)
     oracle = copy.deepcopy(model)
     loss = 0.0
-    for e in episodes:
+    for e in EPISODES:
         P, L = len(e.prompt_ids), len(e.response_ids)
         ids = torch.tensor([e.prompt_ids + e.response_ids])
         logp = torch.log_softmax(oracle(ids).logits[0, P - 1:P + L - 1] / args.temperature, -1)
@@ -270,11 +264,11 @@ def test_update_step_is_minus_lr_times_the_autograd_gradient(tmp_path):
         with torch.no_grad():
             ref = torch.log_softmax(reference(ids).logits[0, P - 1:P + L - 1] / args.temperature, -1)
             ref = ref.gather(1, torch.tensor(e.response_ids)[:, None])[:, 0]
-        loss = loss + ((ref - logp).exp() - (ref - logp) - 1).clamp(0, 10).sum() / len(episodes)
+        loss = loss + ((ref - logp).exp() - (ref - logp) - 1).clamp(0, 10).sum() / len(EPISODES)
     loss.backward()
     head = oracle.get_output_embeddings().weight
     assert float(head.grad.abs().max()) > 0
-    for (name, a), p0, b in zip(policy.named_parameters(), model.parameters(), oracle.parameters()):
+    for (name, a), p0, b in zip(updated.named_parameters(), model.parameters(), oracle.parameters()):
         want = -args.lr * b.grad
         assert float((a - p0 - want).norm()) <= 1e-3 * float(want.norm()) + 1e-12, name
 
