@@ -8,8 +8,9 @@ its gradient. Here no [N, V] tensor is ever held. Two ways, both below:
   fused    the lm_head matmul and the softmax statistics in one Triton kernel per pass, one
            [BLOCK_N, BLOCK_V] tile in registers at a time: the least memory, the textbook algorithm;
   chunked  cuBLAS computes the logits one slab (a bounded [rows, V] or [N, cols] block) at a time and
-           two small Triton kernels do the softmax algebra on it: a little more memory, and faster,
-           because cuBLAS reaches the chip's matmul rate (the default on a GPU; torch ops on the CPU).
+           two small Triton kernels do the softmax algebra on it: faster, because cuBLAS reaches the chip's
+           matmul rate, with less memory than fused at small N and more at large N (the default on a GPU;
+           torch ops on the CPU).
 
 Layout of the section (Triton-tutorial style):
   reference_logprobs        pure torch, full logits: the specification and the test oracle
@@ -19,7 +20,10 @@ Layout of the section (Triton-tutorial style):
   _slab_*_torch / _kernel   the chunked path's softmax algebra on one slab: torch ops, Triton kernel
   _chunked_forward/backward the chunked path: cuBLAS slabs (torch ops on the CPU, the fallback)
   FusedLogprobs             the torch.autograd.Function, fused_logprobs its public entry point
-  reference_ppo_loss, ppo_loss   the spec's clipped objective + k3 KL on top of fused_logprobs
+  reference_ppo_loss        (1b) the spec's clipped objective + k3 KL on full logits: the test oracle
+  ppo_terms                 the same objective on [N] log-probs, differentiated by autograd
+  FusedPPOLoss, ppo_loss    ppo_terms with dX, dW computed slab by slab in the forward (the default), else
+                            ppo_terms on top of fused_logprobs; ppo_loss is the public entry point
 
 Section 2, batched prefix sampling: sample_continuations(model, prefixes, k, ...) draws k continuations of
 every prefix, prefilling identical and nested prefixes once and reading each shared prefix once per
@@ -315,7 +319,7 @@ def _triton_forward(hidden, weight, targets, temperature, num_splits=None, parti
     _check_inputs(hidden, weight, targets)
     assert hidden.is_contiguous() and weight.is_contiguous() and targets.is_contiguous()
     (N, D), V = hidden.shape, weight.shape[0]
-    if num_splits is None:   # on a GPU, >= 2 programs per SM even at small N; a power of 2 bounds recompiles
+    if num_splits is None:   # on a GPU, aim at >= 2 programs per SM at small N (at most 16 splits); a power of 2 bounds recompiles
         sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if _compiled(hidden) else 0
         wanted = triton.cdiv(2 * sms, triton.cdiv(max(N, 1), _ROWS_PER_PROGRAM_GUESS))  # N = 0: empty micro-batch
         num_splits = min(1 << max(wanted - 1, 0).bit_length(), 16, triton.cdiv(V, 256))
@@ -382,7 +386,7 @@ def _triton_backward(hidden, weight, targets, temperature, lse, entropy, grad_lo
 # Same math on slabs of the logits: the matmuls go to cuBLAS (torch.mm), the softmax algebra to two
 # small Triton kernels ("chunked" backend) or to torch ops ("torch" backend: the CPU fallback). Peak
 # extra memory is O(slab), never O(N V). Why this is the default on a GPU although the fused kernels
-# hold less: cuBLAS runs the 8 N d V flops near the chip's matmul rate, which the fused Triton tiles do
+# hold less at large N: cuBLAS runs the 8 N d V flops near the chip's matmul rate, which the fused Triton tiles do
 # not reach (README, Performance: measured side by side on an H200).
 #   forward:  row slabs   a = X[rows] W^T [C, V] fp32 -> logp, H, lse of those rows (complete rows)
 #   backward: vocab slabs a = X W[cols]^T [N, C] fp32 -> dA [N, C] (matmul dtype), then
@@ -647,7 +651,7 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, backend="auto"):
 
 
 # =====================================================================================================
-# 2. The PPO objective (spec section 5) on top of the log-probs
+# 1b. The PPO objective (spec section 5) on top of the log-probs
 # =====================================================================================================
 # The PPO terms are elementwise in (logp, H), so dL/dlogp and dL/dH are [N] vectors: they are computed
 # in torch on [N] tensors (ppo_terms: ~10 elementwise launches, O(N) memory), which keeps the spec's

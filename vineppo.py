@@ -83,7 +83,7 @@ class Args:
     skip_ratio: float = arg(10.0, "skip a mini-batch whose mean ratio exceeds this")
     value_clip: float = arg(0.2, "critic: value clip range around the old values")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward (GPU memory for 1B-7B models)")
-    lora_rank: int = arg(0, "LoRA rank on every linear layer of the policy (0: full fine-tuning); the frozen base is then the KL reference")
+    lora_rank: int = arg(0, "LoRA rank on every linear layer of the policy but the lm_head (0: full fine-tuning); the frozen base is then the KL reference")
     lora_alpha: Optional[float] = arg(None, "LoRA scale: the update B A is multiplied by alpha / rank (default: 2 x rank)")
     # --- evaluation
     eval_every: int = arg(50, "evaluate every this many iterations (and before training and at the end)")
@@ -302,8 +302,8 @@ def _as_number(s: str) -> Optional[Decimal]:
 def grade(response: str, gold: str, task: str) -> bool:
     """Is the final answer of `response` equal to `gold` (the final answer alone)?
     arith: exact string. gsm8k: numeric equality after removing ",", "$", spaces and a trailing ".", so "72.0" == "72"
-    (NOTE: the authors compare strings, after removing commas and lower-casing; numeric equality forgives
-    formatting only).
+    (NOTE: the authors' code compares strings, after removing commas and lower-casing (spec 8: commas and spaces);
+    numeric equality forgives formatting only).
     math: last \\boxed{} vs gold, mathematical equivalence by math-verify; a gold that does not parse never scores."""
     pred = extract_answer(response, task)
     if pred is None or pred == "":
@@ -821,7 +821,7 @@ def make_critic(path: str, device: torch.device):
     from transformers import AutoModelForCausalLM
     backbone = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).base_model
     head = torch.nn.Linear(backbone.config.hidden_size, 1)
-    torch.nn.init.zeros_(head.weight); torch.nn.init.zeros_(head.bias)
+    torch.nn.init.zeros_(head.weight); torch.nn.init.zeros_(head.bias)   # NOTE: zero, not random: V starts at 0
     return without_dropout(torch.nn.ModuleDict({"backbone": backbone, "head": head}).to(device))
 
 
@@ -859,7 +859,8 @@ WHITEN = {"vine": True, "critic": True, "grpo": False, "rloo": False}   # spec 1
 
 
 def whiten(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Subtract the mean, divide by the std, over all response tokens of a mini-batch (spec 1)."""
+    """Subtract the mean, divide by the std, over all response tokens of a mini-batch (spec 1).
+    NOTE: biased variance, one process; the authors' code whitens across GPUs with the unbiased one."""
     return (x - x.mean()) / (x.std(unbiased=False) + eps) if x.numel() > 1 else x - x.mean()
 
 
@@ -923,7 +924,9 @@ def ppo_update(policy, reference, optimizer, scheduler, episodes: list, token_ad
                 mb_stats["loss/entropy"] += float(s["entropy"].sum()) / n_tokens
                 mb_stats["loss/total"] += float(loss.detach())
             ratio_mean = float(torch.cat(ratios).mean())
-            if ratio_mean > args.skip_ratio:   # spec 1 skip rule: a mini-batch that drifted this far is noise
+            # Spec 1 skip rule: a mini-batch that drifted this far is noise. NOTE: the authors' code zeroes each GPU's
+            # loss but still steps the optimizer (Adam's momentum moves the weights) and the schedule; here nothing moves.
+            if ratio_mean > args.skip_ratio:
                 optimizer.zero_grad(set_to_none=True)
                 if critic_optimizer is not None:
                     critic_optimizer.zero_grad(set_to_none=True)

@@ -23,6 +23,7 @@ Peak extra memory: CUDA: torch.cuda.max_memory_allocated() minus the allocation 
 CPU: the profiler's tensor-allocation trace (torch.profiler, profile_memory=True): the highest total of
 bytes allocated during the call and still alive. Both include the gradients dX and dW themselves.
 """
+import argparse
 import datetime
 import gc
 import os
@@ -214,6 +215,9 @@ def fmt_mem(b):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ppo-only", action="store_true", help="print only the PPO-loss table")
+    ppo_only = ap.parse_args().ppo_only
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         dtype = torch.bfloat16
@@ -226,7 +230,6 @@ def main():
         token_counts = [1024, 4096]
         name = (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                 f"load average {os.getloadavg()[0]:.1f} at start")
-    ppo_only = "--ppo-only" in sys.argv[1:]
     # row name -> backend; the CPU never times the Triton interpreter
     ours = {"chunked": "chunked", "fused": "triton"} if device == "cuda" else {"ours": "torch"}
     methods = {name: make_fwd_bwd(ours_logprobs(backend)) for name, backend in ours.items()}

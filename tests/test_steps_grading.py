@@ -172,6 +172,8 @@ def test_token_step_map_char_tokenizer_every_token_in_its_step():
     ("#### ", "18", "gsm8k", False),
     ("#### sNaN", "18", "gsm8k", False),                            # parses as a Decimal, raises on ==
     ("#### NaN", "NaN", "gsm8k", True),                             # not a number: compared as strings
+    ("#### 1,000 apples", "1000 apples", "gsm8k", True),            # strings compared without commas
+    ("#### 1000 pears", "1000 apples", "gsm8k", False),
     ("#### Infinity", "18", "gsm8k", False),
     ("the answer is $\\boxed{0.5}$", "\\frac{1}{2}", "math", True),  # decimal vs fraction
     ("$\\boxed{\\frac12}$", "\\frac{1}{2}", "math", True),
