@@ -381,7 +381,7 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--new-tokens", type=int, default=512, help="GPU: continuation length")
     ap.add_argument("--configs", nargs="+", default=[c[0] for c in GPU_CONFIGS],
-                    help="GPU: which model configs to run (by label)")
+                    choices=[c[0] for c in GPU_CONFIGS], help="GPU: which model configs to run, in this order")
     ap.add_argument("--no-generate", action="store_true", help="GPU: skip the transformers generate baselines")
     ap.add_argument("--repeats", type=int, default=1, help="GPU: run ours this many times, report the median")
     ap.add_argument("--greedy-row", action="store_true", help="GPU: also time ours drawing greedily (cost of sampling)")
@@ -403,7 +403,7 @@ def main():
             cpu_rows(args)
         if args.gpu or (not args.cpu and torch.cuda.is_available()):
             assert torch.cuda.is_available(), "--gpu needs a CUDA device"
-            gpu_rows(args, configs=[c for c in GPU_CONFIGS if c[0] in args.configs])
+            gpu_rows(args, configs=[next(c for c in GPU_CONFIGS if c[0] == label) for label in args.configs])
         elif not args.cpu:
             print("GPU rows: no CUDA device here; run `python benchmarks/bench_sampler.py --gpu` on a GPU machine.")
 

@@ -16,13 +16,14 @@
 # alone took about 345 s with --sort-row --profile (both configs, the generate baselines included), and the
 # fused log-prob kernels' test cases compile slowly (2 of 14 ran in 85 s), so run `sampler` in one call and
 # `logprobs tests` in another. Overrides: TESTS_K (pytest -k, default cuda),
-# SAMPLER_ARGS (when unset, "--no-generate --memory-fraction 0.95 --compile": ours again with batches
-# sized to 95% of the free memory instead of 70%, which at the 7B config should mean 2 batches instead of 3,
-# and with torch.compile'd decoder layers, at both shares; neither measured yet. The generate baselines,
-# measured in the H100's first call, are left out so that the step fits its limit; set, SAMPLER_ARGS
-# replaces all of that, so SAMPLER_ARGS="" gives the plain table with the generate baselines;
-# e.g. "--configs DeepSeekMath-7B", or "--sort-row --profile": ours with the sort draw too,
-# and a per-category profile of 16 decode steps), TESTS_LIMIT / LOGPROBS_LIMIT / SAMPLER_LIMIT (seconds).
+# SAMPLER_ARGS (when unset, "--configs DeepSeekMath-7B RhoMath-1.1B --no-generate --memory-fraction 0.95
+# --compile": the 7B config first, as its goal is the one not met, so that a call cut short still times it;
+# ours again with batches sized to 95% of the free memory instead of 70%, which at the 7B config means 2
+# batches instead of 3 if >= ~70.5 GB are free; and ours with torch.compile'd decoder layers, at both shares;
+# none of it measured yet. The generate baselines, measured in the H100's first call, are left out so that
+# the step fits its limit. A set SAMPLER_ARGS replaces all of that: SAMPLER_ARGS="" gives the plain table
+# with the generate baselines; "--sort-row --profile" adds ours with the sort draw and a per-category
+# profile of 16 decode steps), TESTS_LIMIT / LOGPROBS_LIMIT / SAMPLER_LIMIT (seconds).
 # Needs torch, triton, transformers, peft, tokenizers, pytest.
 # Extra wheels in .whl/ (e.g. Liger-Kernel for bench_logprobs' comparison row, which the lent GPU
 # machines lack: `pip download --no-deps -d .whl liger-kernel==0.8.5` on a machine with a registry)
@@ -72,7 +73,7 @@ for step in $steps; do
                       tests/test_kernels_logprobs.py tests/test_sampler.py tests/test_train.py ;;
         logprobs) run bench_logprobs "${LOGPROBS_LIMIT:-160}" "$py" benchmarks/bench_logprobs.py ;;
         sampler)  run bench_sampler "${SAMPLER_LIMIT:-480}" "$py" benchmarks/bench_sampler.py --gpu \
-                      ${SAMPLER_ARGS---no-generate --memory-fraction 0.95 --compile} ;;
+                      ${SAMPLER_ARGS---configs DeepSeekMath-7B RhoMath-1.1B --no-generate --memory-fraction 0.95 --compile} ;;
         *)        echo "unknown step $step (tests, logprobs, sampler)"; status=2 ;;
     esac
 done

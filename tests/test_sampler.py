@@ -681,6 +681,23 @@ def test_split_nest_parts_fit_the_batch_budget(monkeypatch):
         assert len(units) * max(len(L) for L, _ in units) + rows * per_row <= 150
 
 
+def test_batches_are_filled_by_splitting_the_nest_that_overflows(monkeypatch):
+    """Three nests of 10 rows, a budget of 1.5 nests: whole nests would take 3 batches (each re-reads the
+    weights at every step); filling each batch and splitting the overflowing nest takes 2, within budget."""
+    model = _llama()
+    bytes_tok, vocab = ks._probe(model)
+    per_row = 2 + -(-24 * vocab // bytes_tok)
+    seen, real_run = [], ks._run_batch
+    monkeypatch.setattr(ks, "_run_batch", lambda m, units, *a: (seen.append(units), real_run(m, units, *a))[1])
+    prefixes = [[i + 2] * 10 for i in range(3)]
+    budget = 2 * 10 + 15 * per_row
+    toks, _ = ks.sample_continuations(model, prefixes, k=10, max_new_tokens=2, temperature=0, max_batch_tokens=budget)
+    assert toks == [[_hf_greedy(model, p, 2)] * 10 for p in prefixes]
+    assert [[len(members) for _, members in units] for units in seen] == [[10, 5], [5, 10]]
+    for units in seen:
+        assert len(units) * max(len(L) for L, _ in units) + sum(len(m) for _, m in units) * per_row <= budget
+
+
 def test_prefill_in_chunks_equals_one_chunk(monkeypatch):
     """_prefill chunks the leaders' forward (prefill_tokens): with one leader per chunk the greedy tokens still
     equal HF generate's (the chunks' KV must land in their own rows of the prefix buffer)."""
