@@ -105,6 +105,13 @@ def compile_warm_up(model, states, K):
     return time.perf_counter() - t0
 
 
+def measured(label, name, r):
+    """One line as soon as a row is timed: a device call cut short by its time limit keeps the rows done so far
+    (the table is printed when a config's rows are all done)."""
+    print(f"... {label} {name}: {r['new'] / r['seconds']:.0f} new tok/s in {r['seconds']:.1f} s, "
+          f"{r['stats']['batches']} batches", flush=True)
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -206,6 +213,8 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
         states = workload(ours_prompts, 8, *shape, cfg["vocab"])
         run_ours(model, states[:9], K, 8)  # warm-up: Triton compile, CUDA graph path
         repeats = [run_ours(model, states, K, T) for _ in range(max(1, args.repeats))]
+        for r in repeats:
+            measured(label, "ours", r)
         ours = sorted(repeats, key=lambda r: r["seconds"])[(len(repeats) - 1) // 2]  # the median run (lower)
         st = ours["stats"]
         # the bytes a run's decode steps must read (weights once per step, KV as attended) at the copy bandwidth
@@ -232,6 +241,7 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
                                    f"{compile_warm_up(model, states, K):.1f} s")
                     warmed = True
                 r = run_ours(model, states, K, T)
+                measured(label, name, r)
                 rows.append((name, r, len(states)))
                 reports.append(f"{label:<16}{name}: {r['stats']['batches']} batches, "
                                f"{r['stats']['oom_retries']} OOM retries, {r['stats']['steps']} decode steps")

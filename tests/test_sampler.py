@@ -607,6 +607,7 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     for name in ("ours, memory 0.9", "ours, compiled", "ours, compiled, memory 0.9"):
         assert f"{name}: 1 batches, 0 OOM retries, 3 decode steps" in out
     assert "ours, compiled: the compile's warm-up runs took" in out
+    assert out.count("... tiny ours: ") == 2 and "... tiny ours, compiled, memory 0.9: " in out   # as each is timed
     assert (ks.SAMPLER_TOP_P_KERNEL and ks.SAMPLER_MEMORY_FRACTION == 0.7 and not ks.SAMPLER_COMPILE), \
         "the extra rows restore the defaults"
     prof = out[out.index("profile: 50 rows, 16 decode steps"):].splitlines()
