@@ -103,6 +103,19 @@ def test_greedy_other_attention_backends(backend, make, monkeypatch):
     monkeypatch.setattr(ks, "SAMPLER_BACKEND", backend)
     toks, _ = ks.sample_continuations(model, prefixes, k=2, max_new_tokens=3, temperature=0)
     assert toks == [[_hf_greedy(model, p, 3)] * 2 for p in prefixes]
+    assert ks._ACTIVE == []   # no batch's cache (its KV) stays referenced after the call
+
+
+def test_attention_scaling_of_the_model_is_used():
+    """The cascade attention takes the model's own softmax scale: GPT-2 with scale_attn_by_inverse_layer_idx
+    scales layer i's scores by D^-0.5 / (i + 1), not D^-0.5, and the tokens still equal HF generate's."""
+    torch.manual_seed(3)
+    cfg = GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                     scale_attn_by_inverse_layer_idx=True,
+                     bos_token_id=None, eos_token_id=None, pad_token_id=None, initializer_range=0.5)
+    model = GPT2LMHeadModel(cfg).eval()
+    toks, _ = ks.sample_continuations(model, PREFIXES, k=1, max_new_tokens=6, temperature=0)
+    assert toks == [[_hf_greedy(model, p, 6)] for p in PREFIXES]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -162,7 +175,7 @@ def test_merge_partials_kernel_matches_torch(nrep, device):
     for dtype in (torch.float32, torch.bfloat16):
         want = ks._merge_partials_torch(o1, l1, o2, l2, pad_idx, R, dtype)
         got = ks._merge_partials_triton(o1, l1, o2, l2, pad_idx, R, dtype)
-        assert got.dtype == dtype and got.shape == (B, Hkv, nrep, D)
+        assert got.dtype == want.dtype == dtype and got.shape == (B, Hkv, nrep, D)   # the model's dtype, both paths
         # bf16: a tolerance, as the interpreter does not round fp32 -> bf16 to nearest
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-6 if dtype == torch.float32 else 8e-3,
                                    atol=1e-6 if dtype == torch.float32 else 1e-2)
@@ -172,7 +185,8 @@ def test_merge_partials_kernel_matches_torch(nrep, device):
 
 def test_merge_is_stable_at_large_log_sum_exps():
     """The merge weighs the two parts by exp(lse - max): with both lse near 100 (exp overflows float32 at 88) it
-    stays finite and equals the merge of the same parts shifted down by 100."""
+    stays finite and equals the merge of the same parts shifted down by 100; with only the prefix's lse near 100
+    the prefix part takes all the weight (the max is over both parts, not the row's own)."""
     torch.manual_seed(1)
     G, R, Hkv, D, nrep = 2, 2, 2, 8, 1
     pad_idx = torch.arange(G * R)
@@ -183,6 +197,8 @@ def test_merge_is_stable_at_large_log_sum_exps():
         got = merge(o1, l1, o2, l2, pad_idx, R, torch.float32)
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, shifted)
+        prefix_only = merge(o1, l1, o2, l2 - 100, pad_idx, R, torch.float32)   # exp(-100 +- noise): weight ~0
+        torch.testing.assert_close(prefix_only, o1.view(G, Hkv, R, D).permute(0, 2, 1, 3).reshape(G * R, Hkv, 1, D))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -350,6 +366,16 @@ def test_stop_string_that_begins_in_the_prefix(sync_every, monkeypatch):
     toks, fin = ks.sample_continuations(model, prefixes, k=2, max_new_tokens=n, temperature=0, stop=(tok, stops))
     assert toks == [[refs[0][:2]] * 2, [refs[1][:1]] * 2, [refs[2]] * 2]
     assert fin == [[True, True], [True, True], [False, False]]
+    # nested states (one prefill): each state's context is its own last tokens, not its leader's; the 8 rows of
+    # prefixes[1] stop at the first check and are compacted out while the others still need their contexts
+    leader = prefixes[0] + [9, 1, 4, 3]
+    nested = [leader, prefixes[0], prefixes[2], leader[:5]] + [prefixes[1]] * 4
+    refs = [_hf_greedy(model, p, n) for p in nested]
+    want = [first_stop(p, r) for p, r in zip(nested, refs)]
+    assert want[1] == 2 and want.count(None) >= 2
+    toks, fin = ks.sample_continuations(model, nested, k=2, max_new_tokens=n, temperature=0, stop=(tok, stops))
+    assert toks == [[r[:e] if e else r] * 2 for r, e in zip(refs, want)]
+    assert fin == [[e is not None] * 2 for e in want]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -657,13 +683,30 @@ def test_fp32_model_under_bf16_autocast(backend, monkeypatch):
     the same autocast (CPU autocast here)."""
     monkeypatch.setattr(ks, "SAMPLER_BACKEND", backend)
     model = _llama(10)
+    cached, real_prefill = [], ks._prefill
+    monkeypatch.setattr(ks, "_prefill", lambda *a: (cached.append(real_prefill(*a)), cached[-1])[1])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         toks, _ = ks.sample_continuations(model, PREFIXES[:4], k=2, max_new_tokens=4, temperature=0)
         refs = [_hf_greedy(model, p, 4) for p in PREFIXES[:4]]
     assert toks == [[r, r] for r in refs]
+    assert {x.dtype for pk, pv in cached for x in pk + pv} == {torch.bfloat16}   # the autocast dtype, not fp32
 
 
 # ---------------------------------------------------------------- the batch planner, the prefill chunks, the draw's boundaries
+
+
+def test_cascade_cache_layout_and_compaction():
+    """Rows sit in a (G, R) grid by nest; the prefix reads one step costs are each nest's longest prefix once
+    (SAMPLER_STATS' kv_read_tokens, the benchmark's roofline); a compaction that empties a nest drops its prefix."""
+    G, Hkv, P, D = 3, 1, 6, 2
+    pk = [torch.arange(G, dtype=torch.float).view(G, 1, 1, 1).expand(G, Hkv, P, D).clone()]   # nest g's KV = g
+    grp, plen = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([4, 2, 5, 1, 3, 3])
+    c = ks._CascadeCache(pk, [x.clone() for x in pk], grp, plen, T=4, backend="torch")
+    assert (c.G, c.R) == (3, 3) and c.pad_idx.tolist() == [0, 1, 3, 6, 7, 8]
+    assert c.prefix_read == 4 + 5 + 3
+    c.select(torch.tensor([0, 3, 5]))   # nest 1 has no row left
+    assert (c.G, c.R) == (2, 2) and c.grp.tolist() == [0, 1, 1] and c.plen.tolist() == [4, 1, 3]
+    assert c.pk[0][:, 0, 0, 0].tolist() == [0.0, 2.0] and c.prefix_read == 4 + 3
 
 
 def test_split_nest_parts_fit_the_batch_budget(monkeypatch):
