@@ -674,6 +674,25 @@ def test_out_of_memory_retries_at_half_the_batch_after_releasing_it(monkeypatch)
     ks.SAMPLER_STATS["oom_retries"] = 0
     assert ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=5, temperature=0) == expected
     assert ks.SAMPLER_STATS["oom_retries"] == len(attempts) >= 3
+    # a single row that does not fit is the caller's problem: the error comes out, after 2 halvings (4 rows -> 1)
+    monkeypatch.setattr(ks, "_run_batch", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("fake")))
+    ks.SAMPLER_STATS["oom_retries"] = 0
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        ks.sample_continuations(model, PREFIXES[:1], k=4, max_new_tokens=5, temperature=0)
+    assert ks.SAMPLER_STATS["oom_retries"] == 2
+
+
+def test_counters_and_training_mode():
+    """SAMPLER_STATS for one 5-token prefix, k = 2, 3 new tokens: 4 prefill tokens (the last is fed at step 0), 3
+    steps of 2 rows, each step reading the 4 cached prefix tokens once and each row's t + 1 own; a model in
+    training mode is sampled in eval mode (no dropout) and handed back in training mode."""
+    model = _llama().train()
+    for key in ks.SAMPLER_STATS:
+        ks.SAMPLER_STATS[key] = 0
+    ks.sample_continuations(model, [[1, 2, 3, 4, 5]], k=2, max_new_tokens=3, temperature=0)
+    assert model.training
+    assert {k: ks.SAMPLER_STATS[k] for k in ("batches", "prefill_tokens", "steps", "row_steps", "kv_read_tokens")} == \
+        dict(batches=1, prefill_tokens=4, steps=3, row_steps=6, kv_read_tokens=3 * 4 + 2 * (1 + 2 + 3))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
