@@ -1,6 +1,7 @@
 """Advantages (vineppo.py section 5) and the PPO loss as vineppo.py uses it (section 6)."""
 import itertools
 import math
+import random
 
 import pytest
 import torch
@@ -270,3 +271,26 @@ def test_k3_kl_expectation_is_the_exact_kl():
     _, far = vp.kernels.ppo_loss(hidden, W, targets, logp, ref_logp + 30 * (targets == 0), torch.zeros(V), temperature=1.0,
                                  clip_eps=0.2, kl_coef=1.0, n_tokens=V, n_seqs=1)
     assert float(far["kl"][0]) == 10.0 and torch.allclose(far["kl"][1:], stats["kl"][1:])
+
+
+# ---------------------------------------------------------------- episodes: reward, group, steps
+def test_sample_episodes_reward_group_and_steps(monkeypatch):
+    """sample_episodes grades each sampled response: a right answer scores 1 only if the response finished (a
+    response cut at --max-new-tokens scores 0 even if its text holds the answer), each response is grouped by its
+    prompt (what GRPO / RLOO average over), and its steps start at their first tokens."""
+    tok = vp.build_char_tokenizer()
+    rows = [vp.make_arith_problem(random.Random(s)) for s in (1, 2)]
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids   # noqa: E731
+    wrong = "1+1=3\n#### 3\n"
+    eos = [tok.eos_token_id]
+    conts = [[ids(rows[0]["solution"]) + eos, ids(rows[0]["solution"]), ids(wrong) + eos],
+             [ids(rows[1]["solution"]) + eos] * 3]
+    fins = [[True, False, True], [True] * 3]
+    monkeypatch.setattr(vp, "generate", lambda *a, **k: (conts, fins))
+    args = vp.Args(samples_per_prompt=3)
+    episodes = vp.sample_episodes(None, tok, rows, args, "arith")
+    assert [e.reward for e in episodes] == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert [e.group for e in episodes] == [0, 0, 0, 1, 1, 1] and [e.finished for e in episodes] == fins[0] + fins[1]
+    e = episodes[0]
+    assert [vp.decode(tok, e.response_ids[s:]).startswith(step) for s, step in zip(e.step_starts, e.steps)] == \
+        [True] * len(e.steps) and e.steps == vp.split_steps(e.text, "arith")

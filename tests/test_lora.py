@@ -107,6 +107,27 @@ def test_lora_starts_as_the_sft_model(lora_run):
     assert sum(p.requires_grad for p in as_base.parameters()) == len(lora_params(as_base)) > 0
 
 
+def test_adapter_init_follows_seed_and_pad_defaults_to_eos(lora_run, tmp_path):
+    """The adapters' A comes from --seed alone (whatever the global RNG did before), so a run is reproducible;
+    a tokenizer without a pad token pads with EOS."""
+    import shutil
+
+    from transformers import AutoTokenizer
+    source = tmp_path / "no_pad"
+    shutil.copytree(lora_run["model"], source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(source)
+    assert AutoTokenizer.from_pretrained(source).pad_token_id is None
+    A = []
+    for global_seed, seed in ((0, 1), (123, 1), (0, 2)):
+        torch.manual_seed(global_seed)
+        policy, tok = vp.load_policy(str(source), CPU, vp.Args(lora_rank=4, seed=seed))
+        A.append(torch.cat([p.detach().flatten() for n, p in sorted(lora_params(policy).items()) if "lora_A" in n]))
+    assert torch.equal(A[0], A[1]) and not torch.equal(A[0], A[2])
+    assert tok.pad_token_id == tok.eos_token_id is not None
+
+
 def _episodes(tokenizer):
     prompts = ["Tom has 3 apples.", "What is 7 + 8?"]
     responses = ["He has 7 apples.\n#### 7", "7 + 8 = 15\n#### 15"]

@@ -552,6 +552,11 @@ def test_sliding_window_and_softcapping_are_refused():
     model.config.attn_logit_softcapping = 50.0
     with pytest.raises(AssertionError, match="soft-capping"):
         ks.sample_continuations(model, [[1, 2, 3]], k=1, max_new_tokens=6)
+    from transformers import MistralConfig, MistralForCausalLM   # Mistral: a sliding_window, no use_sliding_window flag
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, sliding_window=8)).eval()
+    with pytest.raises(AssertionError, match="sliding window"):
+        ks.sample_continuations(mistral, [[1, 2, 3]], k=1, max_new_tokens=6)
 
 
 def test_attention_sinks_are_refused():
