@@ -331,6 +331,21 @@ def test_models_that_rescale_their_logits_are_refused(tmp_path, arch):
         vp.load_policy(folder, torch.device("cpu"), vp.parse_args(["--model", folder]))
 
 
+def test_an_lm_head_bias_is_refused():
+    """A bias on the lm_head is refused even at zero, where the logits still agree: the loss's log-probs use its
+    weight alone, so the bias would never train while the sampler reads it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    vp.check_logits_are_hidden_times_lm_head(model)   # no bias: accepted
+    model.lm_head = torch.nn.Linear(32, 32, bias=True)
+    torch.nn.init.zeros_(model.lm_head.bias)
+    with pytest.raises(AssertionError, match="this model's forward differs"):
+        vp.check_logits_are_hidden_times_lm_head(model)
+
+
 # ---------------------------------------------------------------- position limits and resume
 def test_fit_positions_bounds_exactly(tmp_path):
     model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=40))
