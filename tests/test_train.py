@@ -346,6 +346,19 @@ def test_an_lm_head_bias_is_refused():
         vp.check_logits_are_hidden_times_lm_head(model)
 
 
+def test_bf16_checkpoints_load_as_fp32_masters(tmp_path):
+    """The authors' SFT checkpoints are stored in bf16: the policy (fp32 master weights for AdamW) and the
+    reference (so that the KL starts at exactly 0) both load in fp32 whatever the checkpoint's dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    folder = save_random_model(tmp_path / "bf16", "llama")
+    AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(folder)
+    assert AutoModelForCausalLM.from_pretrained(folder).dtype == torch.bfloat16   # as the Hub ones load by default
+    policy, _ = vp.load_policy(folder, torch.device("cpu"), vp.parse_args(["--model", folder]))
+    reference = vp.load_reference(folder, torch.device("cpu"))
+    assert {p.dtype for m in (policy, reference) for p in m.parameters()} == {torch.float32}
+
+
 # ---------------------------------------------------------------- position limits and resume
 def test_fit_positions_bounds_exactly(tmp_path):
     model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=40))
