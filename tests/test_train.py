@@ -59,6 +59,8 @@ def test_demo_improves_train_reward(demo_cache, tmp_path):
 
 def test_resume_after_exception_is_bit_exact(demo_cache, tmp_path, monkeypatch, capsys):
     common = ["--iterations", "3", "--save-every", "1", "--eval-every", "2", "--lr", "3e-4", *SMALL]
+    os.makedirs(tmp_path / "a")
+    vp.log_metrics(str(tmp_path / "a"), {"iteration": 9, "train/reward": -1.0})   # an old run's: a fresh start drops it
     straight = vp.train(vp.parse_args(["--out", str(tmp_path / "a"), *common]))
     # interrupted right after the checkpoint of iteration 1, with a stray metrics line of iteration 2
     # (a kill between writing metrics and writing the checkpoint)
