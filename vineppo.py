@@ -70,6 +70,8 @@ class Args:
     temperature: float = arg(0.6, "sampling temperature; log-probs use logits / temperature too")
     top_p: float = arg(0.9, "nucleus sampling threshold")
     max_new_tokens: int = arg(1024, "response length cap; a response that hits it gets reward 0")
+    sampler_memory_fraction: float = arg(0.7, "GPU: share of the free memory one sampling batch's KV cache may take (more: fewer, larger batches)")
+    sampler_compile: bool = arg(False, "GPU: torch.compile the sampler's decoder layers (not yet timed on a GPU; see README, Performance)")
     # --- PPO update
     epochs: int = arg(2, "PPO epochs over each iteration's episodes")
     mini_batch: int = arg(64, "episodes per optimizer step")
@@ -175,6 +177,8 @@ def validate(args: Args) -> Optional[str]:
         return f"--advantage {args.advantage} needs --samples-per-prompt >= 2"
     if not 0 < args.top_p <= 1 or args.temperature <= 0:
         return "--top-p must be in (0, 1] and --temperature > 0"
+    if not 0 < args.sampler_memory_fraction <= 1:
+        return f"--sampler-memory-fraction must be in (0, 1] (got {args.sampler_memory_fraction})"
     for name in ("train_file", "test_file"):
         if getattr(args, name) and not os.path.isfile(getattr(args, name)):
             return f"--{name.replace('_', '-')} {getattr(args, name)!r} does not exist"
@@ -1185,9 +1189,10 @@ def fit_positions(rows: list, tokenizer, model, args: Args, task: str) -> list:
     return kept
 
 
-# What --resume may change: where and how often the run is evaluated and saved, and how it fits in memory.
+# What --resume may change: where and how often the run is evaluated and saved, how it fits in memory, how fast it samples.
 RESUME_MAY_CHANGE = ("out", "resume", "device", "save_every", "eval_every", "eval_problems", "eval_samples",
-                     "eval_temperature", "value_analysis", "test_file", "gradient_checkpointing", "micro_batch")
+                     "eval_temperature", "value_analysis", "test_file", "gradient_checkpointing", "micro_batch",
+                     "sampler_memory_fraction", "sampler_compile")
 
 
 def check_resume(args: Args, source: str) -> None:
@@ -1234,6 +1239,7 @@ def train(args: Args) -> list:
         json.dump(dataclasses.asdict(args) | {"resolved_model": source}, f, indent=2)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    kernels.SAMPLER_MEMORY_FRACTION, kernels.SAMPLER_COMPILE = args.sampler_memory_fraction, args.sampler_compile
 
     policy, tokenizer = load_policy(ckpt or source, device, args)
     reference = load_reference(source, device) if args.lora_rank == 0 else None   # LoRA: the policy's frozen base

@@ -152,6 +152,33 @@ def test_real_model_path_math_jsonl(tmp_path, arch, advantage, lora, device):
     assert 0 < records[-1]["update/grad_norm"] < float("inf")
 
 
+def test_sampler_flags_reach_the_sampler(tmp_path, monkeypatch):
+    """--sampler-memory-fraction and --sampler-compile set kernels' settings for every sampler call of the run
+    (episodes, MC rollouts, evaluation). The compile itself is left off here: its CPU warm-up takes 8-23 s, and
+    tests/test_sampler.py checks the compiled decode's tokens."""
+    import kernels as ks
+    monkeypatch.setattr(ks, "SAMPLER_MEMORY_FRACTION", ks.SAMPLER_MEMORY_FRACTION)   # restored after the test
+    monkeypatch.setattr(ks, "SAMPLER_COMPILE", ks.SAMPLER_COMPILE)
+    seen, sample = [], ks.sample_continuations
+
+    def recording(*a, **kw):
+        seen.append((ks.SAMPLER_MEMORY_FRACTION, ks.SAMPLER_COMPILE))
+        ks.SAMPLER_COMPILE = False
+        try:
+            return sample(*a, **kw)
+        finally:
+            ks.SAMPLER_COMPILE = seen[-1][1]
+    monkeypatch.setattr(ks, "sample_continuations", recording)
+    model = save_random_model(tmp_path / "llama", "llama")
+    rows = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
+    args = vp.parse_args(["--model", model, "--task", "math", "--train-file", rows, "--test-file", rows,
+                          "--out", str(tmp_path / "run"), "--iterations", "1", "--k", "2", "--prompts-per-iteration", "2",
+                          "--samples-per-prompt", "2", "--max-new-tokens", "6", "--eval-samples", "2", "--mini-batch", "4",
+                          "--micro-batch", "4", "--sampler-memory-fraction", "0.5", "--sampler-compile"])
+    vp.train(args)
+    assert len(seen) == 6 and set(seen) == {(0.5, True)}   # 2 evaluations x 2 calls, episodes, MC rollouts
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "falcon", "opt"])
 def test_policy_and_critic_have_no_dropout(tmp_path, arch):
     """PPO's ratio starts at 1 only if the update's train-mode forward equals the eval-mode forward that gave the
@@ -201,6 +228,8 @@ def test_policy_and_critic_have_no_dropout(tmp_path, arch):
     (["--eval-problems", "0"], "--eval-problems must be >= 1"),
     (["--advantage", "grpo", "--samples-per-prompt", "1"], "needs --samples-per-prompt >= 2"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--sampler-memory-fraction", "0"], "--sampler-memory-fraction must be in (0, 1]"),
+    (["--sampler-memory-fraction", "1.5"], "--sampler-memory-fraction must be in (0, 1]"),
     (["--temperature", "0"], "--temperature > 0"),
     (["--lora-alpha", "16"], "only with --lora-rank >= 1"),
     (["--train-file", "no/such/file.jsonl"], "does not exist"),
@@ -391,7 +420,8 @@ def test_fit_positions_shortcut_holds_for_several_tokens_per_character():
 
 
 ALLOWED = {"out", "resume", "device", "save_every", "eval_every", "eval_problems", "eval_samples", "eval_temperature",
-           "value_analysis", "test_file", "gradient_checkpointing", "micro_batch"}
+           "value_analysis", "test_file", "gradient_checkpointing", "micro_batch", "sampler_memory_fraction",
+           "sampler_compile"}
 
 
 def _other(v):
