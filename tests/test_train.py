@@ -58,7 +58,9 @@ def test_demo_improves_train_reward(demo_cache, tmp_path):
 
 
 def test_resume_after_exception_is_bit_exact(demo_cache, tmp_path, monkeypatch, capsys):
-    common = ["--iterations", "3", "--save-every", "1", "--eval-every", "2", "--lr", "3e-4", *SMALL]
+    """With --advantage critic, whose value network, its optimizer and its schedule must come back too (the
+    SIGKILL test below resumes a VinePPO run)."""
+    common = ["--iterations", "3", "--save-every", "1", "--eval-every", "2", "--lr", "3e-4", "--advantage", "critic", *SMALL]
     os.makedirs(tmp_path / "a")
     vp.log_metrics(str(tmp_path / "a"), {"iteration": 9, "train/reward": -1.0})   # an old run's: a fresh start drops it
     straight = vp.train(vp.parse_args(["--out", str(tmp_path / "a"), *common]))
@@ -86,6 +88,61 @@ def test_resume_after_exception_is_bit_exact(demo_cache, tmp_path, monkeypatch, 
     assert without_times(read_metrics(tmp_path / "a")) == without_times(read_metrics(tmp_path / "b"))
     assert without_times(straight) == without_times(resumed)
     assert os.path.isfile(tmp_path / "b" / "ckpt" / "model.safetensors")
+
+
+def test_a_checkpoint_killed_at_any_moment_leaves_a_complete_one(tmp_path, monkeypatch):
+    """save_checkpoint writes ckpt.tmp, then renames ckpt -> ckpt.old and ckpt.tmp -> ckpt. A kill while writing
+    leaves the old ckpt; a kill between the renames leaves only ckpt.old complete, which find_checkpoint then
+    picks; the next save cleans up both."""
+    import torch
+    folder = save_random_model(tmp_path / "m", "gpt2")
+    policy, tok = vp.load_policy(folder, torch.device("cpu"), vp.parse_args(["--model", folder]))
+    optimizer = torch.optim.AdamW(policy.parameters())
+    scheduler = vp.warmup_linear_schedule(optimizer, 10, 0.0)
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+
+    def saved_iteration():
+        ckpt = vp.find_checkpoint(out)
+        return os.path.basename(ckpt), torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)["iteration"]
+
+    assert vp.find_checkpoint(out) is None
+    vp.save_checkpoint(out, 1, policy, tok, optimizer, scheduler)
+    assert saved_iteration() == ("ckpt", 1) and sorted(os.listdir(out)) == ["ckpt"]
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))   # killed writing
+    with pytest.raises(KeyboardInterrupt):
+        vp.save_checkpoint(out, 2, policy, tok, optimizer, scheduler)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert saved_iteration() == ("ckpt", 1) and sorted(os.listdir(out)) == ["ckpt", "ckpt.tmp"]
+    real_replace, renames = os.replace, []
+
+    def die_after_one_rename(src, dst):
+        if renames:
+            raise KeyboardInterrupt
+        renames.append((os.path.basename(src), os.path.basename(dst)))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", die_after_one_rename)
+    with pytest.raises(KeyboardInterrupt):
+        vp.save_checkpoint(out, 3, policy, tok, optimizer, scheduler)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert renames == [("ckpt", "ckpt.old")] and sorted(os.listdir(out)) == ["ckpt.old", "ckpt.tmp"]
+    assert saved_iteration() == ("ckpt.old", 1)
+    vp.save_checkpoint(out, 4, policy, tok, optimizer, scheduler)
+    assert saved_iteration() == ("ckpt", 4) and sorted(os.listdir(out)) == ["ckpt"]
+    real_rmtree, removed = vp.shutil.rmtree, []
+
+    def die_before_the_last_cleanup(path, **kw):   # rmtree calls: ckpt.tmp, ckpt.old, (renames), ckpt.old
+        removed.append(os.path.basename(path))
+        if len(removed) == 3:
+            raise KeyboardInterrupt
+        real_rmtree(path, **kw)
+    monkeypatch.setattr(vp.shutil, "rmtree", die_before_the_last_cleanup)
+    with pytest.raises(KeyboardInterrupt):
+        vp.save_checkpoint(out, 5, policy, tok, optimizer, scheduler)
+    monkeypatch.setattr(vp.shutil, "rmtree", real_rmtree)
+    assert removed == ["ckpt.tmp", "ckpt.old", "ckpt.old"] and sorted(os.listdir(out)) == ["ckpt", "ckpt.old"]
+    assert saved_iteration() == ("ckpt", 5)   # both complete: the newer one
 
 
 def test_resume_after_sigkill_is_bit_exact(demo_cache, tmp_path):
@@ -125,11 +182,14 @@ def test_real_model_path_llama_gsm8k_cli(tmp_path):
     result = run_cli(["--model", model, "--task", "gsm8k", "--train-file", train_file, "--test-file", test_file,
                       "--out", str(out), "--iterations", "2", "--k", "2", "--prompts-per-iteration", "2",
                       "--samples-per-prompt", "2", "--max-new-tokens", "12", "--eval-problems", "2", "--eval-samples", "2",
-                      "--mini-batch", "2", "--micro-batch", "1", "--eval-every", "1"])
+                      "--mini-batch", "3", "--micro-batch", "1", "--eval-every", "1"])
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(out)
     assert [r["iteration"] for r in records] == [0, 1, 2]
-    assert records[1]["mc/rollouts"] > 0 and records[1]["update/steps"] == 4   # 2 epochs x 2 mini-batches
+    assert records[1]["mc/rollouts"] > 0 and records[1]["update/steps"] == 4   # 2 epochs x 2 mini-batches (3 + 1)
+    # the schedule counts the short mini-batch: 8 steps in all, 1 of warm-up (3% of 8 rounds to 0: at least 1), then linear to 0
+    assert [r["update/skipped"] for r in records[1:]] == [0, 0]
+    assert records[1]["update/lr"] == pytest.approx(1e-6 * (8 - 4) / (8 - 1)) and records[2]["update/lr"] == 0
     config = json.load(open(out / "config.json"))
     assert config["k"] == 2 and config["lr"] == 1e-6 and config["temperature"] == 0.6   # paper defaults kept
     assert os.path.isfile(out / "ckpt" / "model.safetensors") and os.path.isfile(out / "ckpt" / "state.pt")
@@ -177,6 +237,30 @@ def test_sampler_flags_reach_the_sampler(tmp_path, monkeypatch):
                           "--micro-batch", "4", "--sampler-memory-fraction", "0.5", "--sampler-compile"])
     vp.train(args)
     assert len(seen) == 6 and set(seen) == {(0.5, True)}   # 2 evaluations x 2 calls, episodes, MC rollouts
+
+
+def test_every_method_sees_the_same_evaluation_and_episodes(tmp_path, monkeypatch):
+    """Methods are compared on the same seed: the critic's new head is initialised from a forked RNG, so the
+    evaluation before training and the first iteration's episodes are those of a VinePPO run, draw for draw."""
+    model = save_random_model(tmp_path / "gpt2", "gpt2")
+    rows = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
+    drawn, generate = [], vp.generate
+
+    def recording(*a, desc, **kw):
+        drawn.append((desc, generate(*a, desc=desc, **kw)))
+        return drawn[-1][1]
+    monkeypatch.setattr(vp, "generate", recording)
+    runs = {}
+    for advantage in ("vine", "critic", "grpo"):
+        args = vp.parse_args(["--model", model, "--task", "math", "--train-file", rows, "--test-file", rows,
+                              "--advantage", advantage, "--out", str(tmp_path / advantage), "--iterations", "1",
+                              "--k", "2", "--prompts-per-iteration", "2", "--samples-per-prompt", "2",
+                              "--max-new-tokens", "8", "--eval-samples", "2", "--mini-batch", "4", "--micro-batch", "4"])
+        drawn.clear()
+        vp.train(args)
+        runs[advantage] = drawn[:3]   # evaluation (greedy, sampled), the iteration's episodes
+    assert [desc for desc, _ in runs["vine"]] == ["eval greedy", "eval sampled", "sampling"]
+    assert runs["critic"] == runs["vine"] and runs["grpo"] == runs["vine"]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "falcon", "opt"])
