@@ -316,6 +316,10 @@ def test_stop_checker_with_multi_character_and_byte_tokens():
     checker = ks._StopChecker((_PiecesTokenizer(["aba", "c", "b", "x"]), ["ab"]))
     assert _first_stop(checker, [3, 0], [1, 1, 1]) is None
     assert _first_stop(checker, [3, 0], [1, 3, 0, 1]) == 3
+    # the context is kept for "bc" (the prefix ends in "b"), and it ends with a whole "ab": that one stops nothing
+    checker = ks._StopChecker((_PiecesTokenizer(["ab", "x", "c"]), ["ab", "bc"]))
+    assert checker.contexts([[1, 0]]) == [[0]]
+    assert _first_stop(checker, [1, 0], [1, 1]) is None and _first_stop(checker, [1, 0], [2]) == 1
     checker = ks._StopChecker((_PiecesTokenizer([bytes([b]) for b in range(256)]), ["\U0001F600!"]))
     new = list(b"xy") + list("\U0001F600!".encode()) + list(b"zz")
     assert _first_stop(checker, list(b"q"), new) == 2 + 5
