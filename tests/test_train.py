@@ -401,6 +401,9 @@ def test_resume_refuses_other_run_defining_settings(tmp_path):
     with open(tmp_path / "config.json", "w") as f:   # other evaluations, checkpoints, memory use: allowed
         json.dump(saved | {"eval_every": 1, "eval_samples": 3, "save_every": 7, "micro_batch": 1, "device": "cpu"}, f)
     vp.check_resume(args, "someone/any-model")
+    with open(tmp_path / "config.json", "w") as f:   # a run from before a flag existed: its config lacks the key
+        json.dump({k: v for k, v in saved.items() if k not in ("sampler_memory_fraction", "value_analysis", "max_states")}, f)
+    vp.check_resume(args, "someone/any-model")
     lora = vp.parse_args(["--model", "someone/any-model", "--out", str(tmp_path), "--lora-rank", "4"])
     with open(tmp_path / "config.json", "w") as f:   # the default --lora-alpha (None) is 2 x rank = 8
         json.dump(dataclasses.asdict(lora) | {"resolved_model": "someone/any-model"}, f)
