@@ -201,12 +201,18 @@ def test_critic_gpt2_gradient_checkpointing(tmp_path):
     assert max(float(p.detach().abs().max()) for n, p in lora_params(policy).items() if "lora_B" in n) > 1e-3
 
 
-@pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
-def test_sampler_greedy_with_lora_equals_generate(make):
+@pytest.mark.parametrize("make,compiled", [(_llama, False), (_gpt2, False), (_llama, True)],
+                         ids=["llama", "gpt2", "llama-compiled"])
+def test_sampler_greedy_with_lora_equals_generate(make, compiled, monkeypatch):
     """kernels.sample_continuations on a model with injected LoRA layers (B != 0) = HF greedy generate on the
-    same model, and = generate on the model with the adapters merged into the weights."""
+    same model, and = generate on the model with the adapters merged into the weights. Also with the decode
+    layers torch.compile'd (--sampler-compile, e.g. beside --lora-rank for DeepSeekMath 7B): switching the
+    adapters off between calls must not reuse code compiled with them on."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(ks, "SAMPLER_COMPILE", compiled)
+    frames = counters["frames"]["ok"]
     model = make()
     base = ks.sample_continuations(model, PREFIXES, k=1, max_new_tokens=10, temperature=0)[0]
     model.requires_grad_(False)
@@ -225,6 +231,7 @@ def test_sampler_greedy_with_lora_equals_generate(make):
         if isinstance(m, LoraLayer):
             m.merge()
     assert [_hf_greedy(model, p, 10) for p in PREFIXES] == refs
+    assert (counters["frames"]["ok"] > frames) == compiled
 
 
 def test_invalid_lora_flags_give_one_line_error():
