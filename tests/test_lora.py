@@ -211,10 +211,10 @@ def test_sampler_greedy_with_lora_equals_generate(make, compiled, monkeypatch):
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
     from torch._dynamo.utils import counters
-    monkeypatch.setattr(ks, "SAMPLER_COMPILE", compiled)
-    frames = counters["frames"]["ok"]
     model = make()
     base = ks.sample_continuations(model, PREFIXES, k=1, max_new_tokens=10, temperature=0)[0]
+    monkeypatch.setattr(ks, "SAMPLER_COMPILE", compiled)   # (the model without adapters: tests/test_sampler.py)
+    frames = counters["frames"]["ok"]
     model.requires_grad_(False)
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0), model)
     torch.manual_seed(1)
