@@ -108,8 +108,9 @@ def test_lora_starts_as_the_sft_model(lora_run):
 
 
 def test_adapter_init_follows_seed_and_pad_defaults_to_eos(lora_run, tmp_path):
-    """The adapters' A comes from --seed alone (whatever the global RNG did before), so a run is reproducible;
-    a tokenizer without a pad token pads with EOS."""
+    """The adapters' A comes from --seed alone (whatever the global RNG did before), so a run is reproducible, and
+    its init leaves the global RNG where it was, so a LoRA run samples what a full fine-tuning run samples; a
+    tokenizer without a pad token pads with EOS."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -122,7 +123,9 @@ def test_adapter_init_follows_seed_and_pad_defaults_to_eos(lora_run, tmp_path):
     A = []
     for global_seed, seed in ((0, 1), (123, 1), (0, 2)):
         torch.manual_seed(global_seed)
+        rng = torch.get_rng_state()
         policy, tok = vp.load_policy(str(source), CPU, vp.Args(lora_rank=4, seed=seed))
+        assert torch.equal(torch.get_rng_state(), rng)   # nor does it move the global RNG (the sampling's)
         A.append(torch.cat([p.detach().flatten() for n, p in sorted(lora_params(policy).items()) if "lora_A" in n]))
     assert torch.equal(A[0], A[1]) and not torch.equal(A[0], A[2])
     assert tok.pad_token_id == tok.eos_token_id is not None

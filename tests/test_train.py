@@ -92,8 +92,8 @@ def test_resume_after_exception_is_bit_exact(demo_cache, tmp_path, monkeypatch, 
 
 def test_a_checkpoint_killed_at_any_moment_leaves_a_complete_one(tmp_path, monkeypatch):
     """save_checkpoint writes ckpt.tmp, then renames ckpt -> ckpt.old and ckpt.tmp -> ckpt. A kill while writing
-    leaves the old ckpt; a kill between the renames leaves only ckpt.old complete, which find_checkpoint then
-    picks; the next save cleans up both."""
+    leaves the old ckpt; a kill between the renames leaves ckpt.old and a complete ckpt.tmp, which find_checkpoint
+    ignores: it picks ckpt.old (the newer iterations are redone); the next save cleans up both."""
     import torch
     folder = save_random_model(tmp_path / "m", "gpt2")
     policy, tok = vp.load_policy(folder, torch.device("cpu"), vp.parse_args(["--model", folder]))
@@ -127,6 +127,7 @@ def test_a_checkpoint_killed_at_any_moment_leaves_a_complete_one(tmp_path, monke
         vp.save_checkpoint(out, 3, policy, tok, optimizer, scheduler)
     monkeypatch.setattr(os, "replace", real_replace)
     assert renames == [("ckpt", "ckpt.old")] and sorted(os.listdir(out)) == ["ckpt.old", "ckpt.tmp"]
+    assert os.path.isfile(os.path.join(out, "ckpt.tmp", "COMPLETE"))
     assert saved_iteration() == ("ckpt.old", 1)
     vp.save_checkpoint(out, 4, policy, tok, optimizer, scheduler)
     assert saved_iteration() == ("ckpt", 4) and sorted(os.listdir(out)) == ["ckpt"]
@@ -191,14 +192,15 @@ def test_real_model_path_llama_gsm8k_cli(tmp_path):
     assert [r["update/skipped"] for r in records[1:]] == [0, 0]
     assert records[1]["update/lr"] == pytest.approx(1e-6 * (8 - 4) / (8 - 1)) and records[2]["update/lr"] == 0
     config = json.load(open(out / "config.json"))
-    assert config["k"] == 2 and config["lr"] == 1e-6 and config["temperature"] == 0.6   # paper defaults kept
+    assert config["k"] == 2 and config["lr"] == 1e-6 and config["temperature"] == 0.6   # the flag; paper lr and T kept
     assert os.path.isfile(out / "ckpt" / "model.safetensors") and os.path.isfile(out / "ckpt" / "state.pt")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch,advantage,lora", [("qwen2", "vine", 0), ("gpt2", "critic", 0), ("llama", "vine", 4)])
-def test_real_model_path_math_jsonl(tmp_path, arch, advantage, lora, device):
-    """One iteration of the real-model path; on a GPU: bf16 autocast, the compiled kernels, the CUDA-graph sampler."""
+def test_real_model_path_math_jsonl(tmp_path, arch, advantage, lora, device, capsys):
+    """One iteration of the real-model path; on a GPU: bf16 autocast, the compiled kernels, the CUDA-graph sampler
+    (which would fall back to eager steps, saying so, if its capture failed)."""
     model = save_random_model(tmp_path / arch, arch)
     rows = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
     args = vp.parse_args(["--model", model, "--task", "math", "--train-file", rows, "--test-file", rows,
@@ -210,6 +212,8 @@ def test_real_model_path_math_jsonl(tmp_path, arch, advantage, lora, device):
     assert records[-1]["iteration"] == 1 and "eval/accuracy" in records[-1]
     assert records[-1]["update/steps"] == 2
     assert 0 < records[-1]["update/grad_norm"] < float("inf")
+    if device == "cuda":
+        assert vp.kernels.HAS_TRITON and "CUDA graph capture failed" not in capsys.readouterr().out
 
 
 def test_sampler_flags_reach_the_sampler(tmp_path, monkeypatch):
@@ -357,7 +361,10 @@ def test_help_names_every_demo_default_once(capsys):
     text = " ".join(capsys.readouterr().out.split())   # argparse wraps lines
     demo = text.split("the demo's apply to the flags not given:")[1]
     for name, value in vp.DEMO_DEFAULTS.items():
-        assert f"--{name.replace('_', '-')} {value}" in demo
+        assert text.count(f"--{name.replace('_', '-')} {value}") == 1 and f"--{name.replace('_', '-')} {value}" in demo
+        if "(default" not in vp.Args.__dataclass_fields__[name].metadata["help"]:   # its own line: the real models'
+            own = re.search(rf"--{name.replace('_', '-')} [A-Z_]+ ((?!--[a-z-]+ [A-Z_]+ ).)*", text)[0]   # to the next flag
+            assert own.endswith(f"(default: {getattr(vp.Args(), name)}) "), own
     assert f"--iterations {vp.PAPER_ITERATIONS['arith']}" in demo
     assert "continuations per state (K) (default: 9)" in text
     said = [f.metadata["help"] for f in dataclasses.fields(vp.Args) if "(default" in f.metadata["help"]]
@@ -490,7 +497,9 @@ def test_fit_positions_bounds_exactly(tmp_path):
 
 
 def test_fit_positions_shortcut_holds_for_several_tokens_per_character():
-    """The no-encode shortcut must hold for byte-level tokenizers (up to 4 tokens per character)."""
+    """The no-encode shortcut must hold for byte-level tokenizers, up to 4 tokens per character: at the edge where
+    3 tokens per character would take the shortcut (12 characters, room 44 = 3 x 12 + 8), a prompt of 45 tokens
+    must be encoded, and dropped."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -498,10 +507,10 @@ def test_fit_positions_shortcut_holds_for_several_tokens_per_character():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=core)
-    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=40))
-    args = vp.parse_args(["--model", "someone/any-model", "--max-new-tokens", "2"])   # room 39
-    rows = [{"problem": "\u00e9" * 30, "answer": "1"}]                                # 31 characters, 61 tokens
-    assert len(vp.encode_prompt(tok, rows[0]["problem"], "arith")) == 61
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=45))
+    args = vp.parse_args(["--model", "someone/any-model", "--max-new-tokens", "2"])   # room 44
+    rows = [{"problem": "\U0001F600" * 11, "answer": "1"}]                            # 12 characters, 45 tokens
+    assert len(vp.encode_prompt(tok, rows[0]["problem"], "arith")) == 45
     with pytest.raises(SystemExit, match="no training problem fits"):
         vp.fit_positions(rows, tok, model, args, "arith")
 
