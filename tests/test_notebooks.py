@@ -1,9 +1,10 @@
 """CI executes both notebooks headless and fails on any error.
 
 01_credit_assignment runs in its fast mode (VINEPPO_NOTEBOOK_FAST=1: the same cells at small sizes) and
-02_colab_gsm8k in smoke mode (VINEPPO_SMOKE=1: the built-in task and tiny model on the CPU). Both start from a
-private, empty $XDG_CACHE_HOME, so the first one trains the tiny SFT model from scratch (the second reuses it,
-as a reader's second notebook would): CI sees the cold start. Together ~1.5 min on 2 CPU cores.
+02_colab_gsm8k in smoke mode (VINEPPO_SMOKE=1: the built-in task and tiny model on the CPU). Both read the demo's
+SFT model from the session's $XDG_CACHE_HOME (the demo_cache fixture trains it once, with vineppo's own
+demo_sft_model, the code a cold notebook runs), as a reader's notebook would after a demo run. Together ~1 min on
+2 CPU cores.
 """
 import os
 import re
@@ -18,11 +19,10 @@ CELL_TIMEOUT = 300   # seconds per cell
 
 
 @pytest.fixture(scope="module")
-def notebook_env(tmp_path_factory, monkeypatch_module):
+def notebook_env(demo_cache, monkeypatch_module):
     """Environment of the notebook kernels (a kernel inherits os.environ when it starts)."""
-    monkeypatch_module.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("notebook_xdg_cache")))
-    # The kernel runs alone (pytest waits for it), so it gets two threads where there are two cores: notebook
-    # 01's SFT stage (batch-64 matmuls) gains from the second one (measured: 71 s against 91 s on 2 cores).
+    monkeypatch_module.setenv("XDG_CACHE_HOME", str(demo_cache))   # the demo's SFT model, trained once per session
+    # The kernel runs alone (pytest waits for it), so it gets two threads where there are two cores.
     monkeypatch_module.setenv("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
     monkeypatch_module.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     return monkeypatch_module
