@@ -1393,16 +1393,18 @@ def _sample_next(logits, temperature, top_p, use_kernel=False):
 
 
 class _StopChecker:
-    """Stop strings, checked on the decoded tail of each live row. A stop string completed by token e lies
-    within the last len(stop) + 4 tokens up to e whenever each token decodes to >= 1 character, so only
-    tails are decoded (one batch_decode per check), never whole continuations. A stop string may begin in
-    the prefix: VinePPO resets to states that end mid-way through one (a GSM8K state ending in "\n\n\n",
-    continued with "Problem:"), so a row's first tokens are checked behind the last tokens of its prefix.
-    Only a stop string that ends in the new tokens counts; one wholly inside the prefix does not."""
+    """Stop strings, checked on the decoded tail of each live row. A stop string of B UTF-8 bytes completed by
+    token e lies within the last B + 4 tokens up to e whenever each token holds >= 1 byte of the text (a
+    byte-level tokenizer may spend 4 tokens on one character; the first token may also start before the stop
+    string: the 4 are slack for it), so only tails are decoded (one batch_decode per check), never whole
+    continuations. A stop string may begin in the prefix: VinePPO resets to states that end mid-way through
+    one (a GSM8K state ending in "\n\n\n", continued with "Problem:"), so a row's first tokens are checked
+    behind the last tokens of its prefix. Only a stop string that ends in the new tokens counts; one wholly
+    inside the prefix does not."""
 
     def __init__(self, stop):
         self.tok, self.strs = stop
-        self.window = max(len(s) for s in self.strs) + 4
+        self.window = max(len(s.encode("utf-8")) for s in self.strs) + 4   # tokens; = len(s) + 4 for ASCII
 
     def contexts(self, prefixes):
         """Each prefix's context: the fewest last tokens whose text holds the prefix's longest tail that begins a

@@ -311,8 +311,9 @@ def _first_stop(stopper, prefix, new):
 
 def test_stop_checker_with_multi_character_and_byte_tokens():
     """A stop string wholly inside a multi-character token of the prefix stops nothing ("aba" holds "ab"), one
-    completed later does; a stop string spelled by 5 byte tokens (an emoji's 4 UTF-8 bytes and "!") is found, at
-    the token completing it: the checker's window of len(stop) + 4 tokens covers up to 4 extra bytes."""
+    completed later does; stop strings spelled by byte tokens (an emoji's 4 UTF-8 bytes and "!": 5 tokens for 2
+    characters; three emoji: 12 tokens for 3) are found, at the token completing them: the checker's window is
+    counted in bytes."""
     checker = ks._StopChecker((_PiecesTokenizer(["aba", "c", "b", "x"]), ["ab"]))
     assert _first_stop(checker, [3, 0], [1, 1, 1]) is None
     assert _first_stop(checker, [3, 0], [1, 3, 0, 1]) == 3
@@ -323,6 +324,10 @@ def test_stop_checker_with_multi_character_and_byte_tokens():
     checker = ks._StopChecker((_PiecesTokenizer([bytes([b]) for b in range(256)]), ["\U0001F600!"]))
     new = list(b"xy") + list("\U0001F600!".encode()) + list(b"zz")
     assert _first_stop(checker, list(b"q"), new) == 2 + 5
+    # a stop string of three 4-byte characters: 12 byte tokens for 3 characters
+    checker = ks._StopChecker((_PiecesTokenizer([bytes([b]) for b in range(256)]), ["\U0001F600" * 3]))
+    new = list(b"xy") + list(("\U0001F600" * 3).encode()) + list(b"zz")
+    assert _first_stop(checker, list(b"q"), new) == 2 + 12
 
 
 def test_stop_string_then_eos_between_host_checks(monkeypatch):
