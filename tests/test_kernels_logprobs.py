@@ -70,7 +70,7 @@ def _one_config_per_kernel_on_a_gpu(request, monkeypatch):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Make the chunked paths use 16-row slabs forward (and N/16-column slabs backward), on the CPU and
+    """Make the chunked paths use 16-row slabs forward (and slabs of 16 V / N columns backward), on the CPU and
     on a GPU, and the fused backward 512-column vocabulary slices (the minimum), so that several slabs /
     slices, and a ragged last one, run."""
     def set_for_vocab(V):
@@ -167,7 +167,7 @@ def test_gpu_launch_path_autotunes_without_corrupting_accumulators(monkeypatch):
     monkeypatch.setattr(K, "TRITON_DW_SLICE_BYTES", 1)        # 512-column slices: 512 + 88
     inputs = make_inputs(40, 32, 600, seed=8)
     got = logprobs_and_grads(ours("triton"), *inputs, 0.6)
-    assert len(bwd.cache) == 2 and len(fwd.cache) == 1       # tuned per slice width; forward split in 2
+    assert len(bwd.cache) == 2 and len(fwd.cache) == 1       # backward tuned per slice width (512, 88); forward once
     for a, e in zip(got, float64_oracle(*inputs, 0.6)):
         assert_close(a, e, rtol=1e-5)
 
@@ -175,10 +175,9 @@ def test_gpu_launch_path_autotunes_without_corrupting_accumulators(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["chunked", "torch"])
 def test_chunked_path_writes_every_output_element(backend, device, small_chunks, monkeypatch):
-    """Each buffer the chunked path allocates (the statistics, each slab kernel's output, the dX
-    accumulator's partials, dW written slice by slice) comes NaN-filled from torch.empty / empty_like
-    here, so an element that no slab writes fails the comparison. Ragged slabs both ways (3 x 16 rows
-    forward, 3 x 129 columns backward)."""
+    """Each buffer the chunked path allocates with torch.empty / empty_like (the statistics, each slab kernel's
+    output, dW written slice by slice) comes NaN-filled here, so an element that no slab writes fails the
+    comparison. Ragged slabs both ways (3 x 16 rows forward, 3 x 129 columns backward)."""
     N, d, V = 37, 32, 300
     small_chunks(V)
     inputs = make_inputs(N, d, V, seed=9, device=device)
@@ -331,9 +330,11 @@ def test_ppo_loss_matches_float64_spec(backend, device):
 def test_ppo_gradient_in_the_forward_equals_the_recomputing_backward(backend, device, small_chunks, monkeypatch):
     """The default path (dX, dW computed in ppo_loss's forward, one row slab at a time) against the same loss through
     fused_logprobs: same loss, stats and gradients; the backward scales by the incoming gradient (here 3); a frozen
-    lm_head (LoRA) gets no gradient and its dX is still right; ref_logp None; N = 0. Ragged slabs: 3 x 16 rows."""
+    lm_head (LoRA) gets no gradient and its dX is still right; ref_logp None; N = 0 on both paths. Ragged slabs:
+    45 rows in slabs of 16 (16 + 16 + 13)."""
     small_chunks(PPO_SHAPE[2])
     hidden, weight, targets, old_logp, ref_logp, advantages = ppo_inputs(seed=8, device=device)
+    hidden, targets, old_logp, ref_logp, advantages = (x[:45] for x in (hidden, targets, old_logp, ref_logp, advantages))
     counts = dict(kl_coef=0.1, entropy_coef=0.01, n_tokens=60, n_seqs=5)
     results = {}
     for in_forward in (True, False):
@@ -355,11 +356,13 @@ def test_ppo_gradient_in_the_forward_equals_the_recomputing_backward(backend, de
         for name in ("logp", "ratio", "kl", "entropy"):
             assert_close(stats[name], stats0[name].double(), rtol=1e-6)
         assert torch.equal(stats["clipped"], stats0["clipped"])
-    h, w = hidden[:0].clone().requires_grad_(), weight.clone().requires_grad_()
-    loss, stats = K.ppo_loss(h, w, targets[:0], old_logp[:0], ref_logp[:0], advantages[:0], **PPO_KW, **counts,
-                             backend=backend)
-    loss.backward()
-    assert float(loss.detach()) == 0 and stats["ratio"].shape == (0,) and torch.equal(w.grad, torch.zeros_like(weight))
+    for in_forward in (True, False):   # N = 0: no slab runs
+        monkeypatch.setattr(K, "PPO_GRADIENT_IN_FORWARD", in_forward)
+        h, w = hidden[:0].clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, stats = K.ppo_loss(h, w, targets[:0], old_logp[:0], ref_logp[:0], advantages[:0], **PPO_KW, **counts,
+                                 backend=backend)
+        loss.backward()
+        assert float(loss.detach()) == 0 and stats["ratio"].shape == (0,) and torch.equal(w.grad, torch.zeros_like(weight))
 
 
 @pytest.mark.parametrize("device", DEVICES)

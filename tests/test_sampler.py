@@ -73,10 +73,12 @@ def test_nest_leaders():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("make", [_llama, _qwen2, _gpt2], ids=["llama", "qwen2", "gpt2"])
-def test_greedy_equals_hf_generate(make, device):
-    """On a GPU this runs the Triton cascade attention (ieee fp32 dots) and the CUDA-graph decode step."""
+def test_greedy_equals_hf_generate(make, device, capsys):
+    """On a GPU this runs the Triton cascade attention (ieee fp32 dots) and the CUDA-graph decode step (which
+    would fall back to eager steps, saying so, if its capture failed)."""
     model = make().to(device)
     toks, fin = ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=12, temperature=0)
+    assert "CUDA graph capture failed" not in capsys.readouterr().out
     for p, rows, f in zip(PREFIXES, toks, fin):
         ref = _hf_greedy(model, p, 12)
         assert rows == [ref, ref] and f == [False, False]
@@ -86,8 +88,10 @@ def test_greedy_equals_hf_generate(make, device):
 def test_greedy_small_batches_and_split_nests():
     """A tiny KV budget forces one batch per row (nests split across batches): same answers."""
     model = _llama(1)
+    ks.SAMPLER_STATS["batches"] = 0
     toks, _ = ks.sample_continuations(model, PREFIXES, k=3, max_new_tokens=8, temperature=0, max_batch_tokens=12)
     assert toks == [[_hf_greedy(model, p, 8)] * 3 for p in PREFIXES]
+    assert ks.SAMPLER_STATS["batches"] == 3 * len(PREFIXES)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -202,7 +206,7 @@ def test_merge_is_stable_at_large_log_sum_exps():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_eos_ends_rows_exactly_with_compaction(device):
+def test_eos_ends_rows_exactly_with_compaction(device, capsys):
     """Rows of different prefixes hit EOS at different steps, so finished rows get compacted out while
     several groups are still running; every row equals HF greedy generate with the same EOS, EOS included."""
     model = _llama(3).to(device)
@@ -223,9 +227,10 @@ def test_eos_ends_rows_exactly_with_compaction(device):
         exp = r[:first(r, eos) + 1]
         assert rows == [exp, exp] and f == [first(r, eos) < 99] * 2
         assert rows[0] == _hf_greedy(model, p, 20, eos=eos)
+    assert "CUDA graph capture failed" not in capsys.readouterr().out   # (GPU) re-captured after each compaction
 
 
-def test_decode_inputs_keep_their_storage_until_a_compaction(monkeypatch):
+def test_decode_inputs_keep_their_storage_until_a_compaction(monkeypatch, capsys):
     """The CPU counterpart of the CUDA-graph decode: a captured graph replays reading the step's ids and
     positions from the storage it was captured with, so the loop must update them in place, and the stepper
     must be reset (re-captured) whenever a compaction replaces them. Recorded on the CPU, where the same loop
@@ -242,7 +247,7 @@ def test_decode_inputs_keep_their_storage_until_a_compaction(monkeypatch):
 
     monkeypatch.setattr(ks._Stepper, "__call__", call)
     monkeypatch.setattr(ks._Stepper, "reset", reset)
-    test_eos_ends_rows_exactly_with_compaction("cpu")
+    test_eos_ends_rows_exactly_with_compaction("cpu", capsys)
     segments, current = [], None
     for event in seen:
         if event == "reset":
@@ -527,9 +532,10 @@ def test_rows_past_their_budget_stay_within_the_models_positions():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=None,
                                        eos_token_id=None, pad_token_id=None, initializer_range=0.1)).eval()
     prefixes, budgets = [[1] * 28, [2, 3], [4, 5]], [4, 30, 30]
+    ks.SAMPLER_STATS["compactions"] = 0
     toks, fin = ks.sample_continuations(model, prefixes, k=1, max_new_tokens=budgets, temperature=0)
     assert [rows[0] for rows in toks] == [_hf_greedy(model, p, b) for p, b in zip(prefixes, budgets)]
-    assert fin == [[False]] * 3
+    assert fin == [[False]] * 3 and ks.SAMPLER_STATS["compactions"] == 0   # the finished row kept stepping
 
 
 def test_batches_fit_the_budget_with_prefixes_padded_to_the_longest(monkeypatch):
@@ -653,7 +659,7 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     prof = out[out.index("profile: 50 rows, 16 decode steps"):].splitlines()
     spent = {line[18:58].strip(): float(line[58:].split()[0]) for line in prof[1:5]}
     assert list(spent)[0] == "matmul" and spent["matmul"] > 0 and prof[5].strip().startswith("top ")
-    assert abs(sum(spent.values()) - float(prof[0].split("time ")[1].split()[0])) < 0.02  # the parts add up
+    assert abs(sum(spent.values()) - float(prof[0].split("time ")[1].split()[0])) < 0.02  # printed rows sum to the printed total
     assert "prefill tokens: ours" in out and "failed" not in out and "sampling 50 rows" in out
     assert len(out.split("ours, 2 runs (the row above is the median), new tok/s: ")[1].split("\n")[0].split(", ")) == 2
     bench_sampler.attention_cost(3, 2, tiny[1], 4, torch.float32, "cpu", reps=1)  # the table runs it on a GPU
@@ -670,7 +676,7 @@ def test_out_of_memory_retries_at_half_the_batch_after_releasing_it(monkeypatch)
     import weakref
     model = _llama(9)
     expected = ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=5, temperature=0)
-    real_run_batch, attempts = ks._run_batch, []
+    real_run_batch, attempts, sizes = ks._run_batch, [], []
 
     class KVCache:  # stands in for the memory a failed attempt held
         pass
@@ -681,6 +687,7 @@ def test_out_of_memory_retries_at_half_the_batch_after_releasing_it(monkeypatch)
         if sum(len(rows) for _, rows in units) > 3:
             held = KVCache()
             attempts.append(weakref.ref(held))
+            sizes.append((len(units), sum(len(rows) for _, rows in units)))
             raise torch.cuda.OutOfMemoryError("fake: more than 3 rows")
         return real_run_batch(model, units, *args, **kwargs)
 
@@ -688,6 +695,9 @@ def test_out_of_memory_retries_at_half_the_batch_after_releasing_it(monkeypatch)
     ks.SAMPLER_STATS["oom_retries"] = 0
     assert ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=5, temperature=0) == expected
     assert ks.SAMPLER_STATS["oom_retries"] == len(attempts) >= 3
+    # (nests, rows) of each failed attempt: 3 nests of 2, 8 and 2 rows halve into [2] (runs) and [8, 2]; that into
+    # [8] and [2] (runs); the single nest of 8 rows into rows 4 + 4, each into 2 + 2 (run)
+    assert sizes == [(3, 12), (2, 10), (1, 8), (1, 4), (1, 4)]
     # a single row that does not fit is the caller's problem: the error comes out, after 2 halvings (4 rows -> 1)
     monkeypatch.setattr(ks, "_run_batch", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("fake")))
     ks.SAMPLER_STATS["oom_retries"] = 0
@@ -696,15 +706,21 @@ def test_out_of_memory_retries_at_half_the_batch_after_releasing_it(monkeypatch)
     assert ks.SAMPLER_STATS["oom_retries"] == 2
 
 
-def test_counters_and_training_mode():
+def test_counters_and_training_mode(monkeypatch):
     """SAMPLER_STATS for one 5-token prefix, k = 2, 3 new tokens: 4 prefill tokens (the last is fed at step 0), 3
     steps of 2 rows, each step reading the 4 cached prefix tokens once and each row's t + 1 own; a model in
     training mode is sampled in eval mode (no dropout) and handed back in training mode."""
     model = _llama().train()
     for key in ks.SAMPLER_STATS:
         ks.SAMPLER_STATS[key] = 0
+    modes, run_batch = [], ks._run_batch
+
+    def recording(model, *a, **kw):
+        modes.append(any(m.training for m in model.modules()))
+        return run_batch(model, *a, **kw)
+    monkeypatch.setattr(ks, "_run_batch", recording)
     ks.sample_continuations(model, [[1, 2, 3, 4, 5]], k=2, max_new_tokens=3, temperature=0)
-    assert model.training
+    assert modes == [False] and model.training
     assert {k: ks.SAMPLER_STATS[k] for k in ("batches", "prefill_tokens", "steps", "row_steps", "kv_read_tokens")} == \
         dict(batches=1, prefill_tokens=4, steps=3, row_steps=6, kv_read_tokens=3 * 4 + 2 * (1 + 2 + 3))
 
