@@ -52,7 +52,7 @@ def compile_jobs():
     bf16 is what vineppo.py runs on a GPU: every autotune config of the log-prob kernels must fit. fp32
     is supported but not the fast path: the autotuner drops configs that do not fit, so one per kernel
     must (checked on sm_90; its configs are slow to compile). The attention tile is not autotuned:
-    _attention_tile picks one per (dtype, head dim), and that one must fit, in bf16 and fp32."""
+    _attention_tile picks one per (dtype, head dim, M <= 16 or not), and that one must fit, in bf16 and fp32."""
     import kernels
     fwd_types = dict(targets_ptr="*i64", partial_ptr="*fp32", N="i32", inv_temperature="fp32")
     bwd_types = dict(targets_ptr="*i64", lse_ptr="*fp32", entropy_ptr="*fp32", grad_logp_ptr="*fp32",
@@ -98,13 +98,14 @@ def compile_jobs():
                 each += logprob_jobs(cc, "bf16", flags)
                 if cc == 90 and flags != (True, False):
                     first_fit.append(logprob_jobs(cc, "fp32", flags))
-        for head_dim in (64, 128):        # RhoMath and GPT-2: 64; DeepSeekMath and Qwen2-7B: 128
-            for dtype in ("bf16", "fp32"):
-                q = types.SimpleNamespace(is_cuda=True, dtype=torch_dtype[dtype])
-                tile = kernels._attention_tile(M=64, D=head_dim, element_size=q.dtype.itemsize, on_gpu=True)
-                each.append(("_partial_attention_kernel", cc,
-                             dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", **attn_types),
-                             dict(tile, **kernels._attention_dtype_options(q)), dict(num_warps=4, num_stages=3)))
+        # M queries per program: up to 16 (BLOCK_M 16) for each decode step's own-KV part (M = query heads per KV
+        # head), 64 for the shared-prefix part of a nest's rows
+        for head_dim, M, dtype in [(h, m, t) for h in (64, 128) for m in (8, 64) for t in ("bf16", "fp32")]:
+            q = types.SimpleNamespace(is_cuda=True, dtype=torch_dtype[dtype])
+            tile = kernels._attention_tile(M=M, D=head_dim, element_size=q.dtype.itemsize, on_gpu=True)
+            each.append(("_partial_attention_kernel", cc,
+                         dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", **attn_types),
+                         dict(tile, **kernels._attention_dtype_options(q)), dict(num_warps=4, num_stages=3)))
         # the sampler's merge of the two attention parts, into the model's dtype: GQA (RhoMath: 8 query heads
         # per KV head, head dim 64) in 16 bits, MHA (DeepSeekMath: 1, 128) in fp32
         for nrep, head_dim, dtype in ((8, 64, "fp16" if cc == 75 else "bf16"), (1, 128, "fp32")):
