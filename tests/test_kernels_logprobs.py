@@ -133,12 +133,23 @@ def test_triton_forward_writes_every_statistic(num_splits, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("frozen", ["weight", "hidden"])
-def test_gradient_only_for_inputs_that_require_it(backend, frozen, device):
+def test_gradient_only_for_inputs_that_require_it(backend, frozen, device, monkeypatch):
+    """The backward is told which of dX, dW to compute (a frozen lm_head under LoRA: no dW work) and computes
+    only that one, correctly."""
     hidden, weight, targets, g1, g2 = make_inputs(65, 32, 600, seed=3, device=device)
     hidden.requires_grad_(frozen != "hidden")
     weight.requires_grad_(frozen != "weight")
+    calls = []
+    for name in ("_triton_backward", "_chunked_backward"):
+        def spy(*args, _real=getattr(K, name), **kw):
+            grads = _real(*args, **kw)
+            calls.append((args[8:10], tuple(g is None for g in grads)))   # (compute_dx, compute_dw), which are None
+            return grads
+        monkeypatch.setattr(K, name, spy)
     logp, entropy = K.fused_logprobs(hidden, weight, targets, 0.6, backend=backend)
     ((g1 * logp).sum() + (g2 * entropy).sum()).backward()
+    wanted = (frozen != "hidden", frozen != "weight")
+    assert calls == [(wanted, (not wanted[0], not wanted[1]))]
     expected = float64_oracle(hidden, weight, targets, g1, g2, 0.6)
     if frozen == "weight":
         assert weight.grad is None
