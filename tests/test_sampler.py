@@ -684,10 +684,11 @@ def test_out_of_memory_retries_at_half_the_batch_after_releasing_it(monkeypatch)
     def run_batch(model, units, *args, **kwargs):
         assert sys.exc_info() == (None, None, None)              # not retried inside the except block
         assert all(ref() is None for ref in attempts)            # every failed attempt's memory is released
-        if sum(len(rows) for _, rows in units) > 3:
+        n_rows = sum(len(rows) for _, rows in units)
+        if n_rows > 3:
             held = KVCache()
             attempts.append(weakref.ref(held))
-            sizes.append((len(units), sum(len(rows) for _, rows in units)))
+            sizes.append((len(units), n_rows))
             raise torch.cuda.OutOfMemoryError("fake: more than 3 rows")
         return real_run_batch(model, units, *args, **kwargs)
 

@@ -175,6 +175,14 @@ MATH_ROWS = [{"problem": "What is $\\frac{1}{2}+\\frac{1}{4}$?", "solution": "We
              {"problem": "Compute $2^3$.", "solution": "$2^3 = 8$, so the answer is $\\boxed{8}$."}]
 
 
+
+def one_math_iteration(tmp_path, model, out, *flags):
+    """Args of a one-iteration run of `model` on MATH_ROWS (train and test), 2 prompts x 2 samples, K = 2."""
+    rows = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
+    return vp.parse_args(["--model", model, "--task", "math", "--train-file", rows, "--test-file", rows,
+                          "--out", str(tmp_path / out), "--iterations", "1", "--k", "2", "--prompts-per-iteration", "2",
+                          "--samples-per-prompt", "2", "--eval-samples", "2", "--mini-batch", "4", *flags])
+
 def test_real_model_path_llama_gsm8k_cli(tmp_path):
     model = save_random_model(tmp_path / "llama", "llama")
     train_file = write_jsonl(tmp_path / "train.jsonl", GSM8K_ROWS)
@@ -202,13 +210,10 @@ def test_real_model_path_math_jsonl(tmp_path, arch, advantage, lora, device, cap
     """One iteration of the real-model path; on a GPU: bf16 autocast, the compiled kernels, the CUDA-graph sampler
     (which would fall back to eager steps, saying so, if its capture failed)."""
     model = save_random_model(tmp_path / arch, arch)
-    rows = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
-    args = vp.parse_args(["--model", model, "--task", "math", "--train-file", rows, "--test-file", rows,
-                          "--advantage", advantage, "--out", str(tmp_path / "run"), "--iterations", "1", "--k", "2",
-                          "--prompts-per-iteration", "2", "--samples-per-prompt", "2", "--max-new-tokens", "10",
-                          "--eval-samples", "2", "--mini-batch", "4", "--micro-batch", "2", "--device", device,
-                          "--lora-rank", str(lora), "--entropy-coef", "0.1"])   # random models earn no reward: the
-    records = vp.train(args)                                                      # entropy bonus gives a gradient
+    args = one_math_iteration(tmp_path, model, "run", "--advantage", advantage, "--max-new-tokens", "10",
+                              "--micro-batch", "2", "--device", device, "--lora-rank", str(lora),
+                              "--entropy-coef", "0.1")   # random models earn no reward: the entropy bonus gives a gradient
+    records = vp.train(args)
     assert records[-1]["iteration"] == 1 and "eval/accuracy" in records[-1]
     assert records[-1]["update/steps"] == 2
     assert 0 < records[-1]["update/grad_norm"] < float("inf")
@@ -234,12 +239,8 @@ def test_sampler_flags_reach_the_sampler(tmp_path, monkeypatch):
             ks.SAMPLER_COMPILE = seen[-1][1]
     monkeypatch.setattr(ks, "sample_continuations", recording)
     model = save_random_model(tmp_path / "llama", "llama")
-    rows = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
-    args = vp.parse_args(["--model", model, "--task", "math", "--train-file", rows, "--test-file", rows,
-                          "--out", str(tmp_path / "run"), "--iterations", "1", "--k", "2", "--prompts-per-iteration", "2",
-                          "--samples-per-prompt", "2", "--max-new-tokens", "6", "--eval-samples", "2", "--mini-batch", "4",
-                          "--micro-batch", "4", "--sampler-memory-fraction", "0.5", "--sampler-compile"])
-    vp.train(args)
+    vp.train(one_math_iteration(tmp_path, model, "run", "--max-new-tokens", "6", "--micro-batch", "4",
+                                "--sampler-memory-fraction", "0.5", "--sampler-compile"))
     assert len(seen) == 6 and set(seen) == {(0.5, True)}   # 2 evaluations x 2 calls, episodes, MC rollouts
 
 
@@ -247,7 +248,6 @@ def test_every_method_sees_the_same_evaluation_and_episodes(tmp_path, monkeypatc
     """Methods are compared on the same seed: the critic's new head is initialised from a forked RNG, so the
     evaluation before training and the first iteration's episodes are those of a VinePPO run, draw for draw."""
     model = save_random_model(tmp_path / "gpt2", "gpt2")
-    rows = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
     drawn, generate = [], vp.generate
 
     def recording(*a, desc, **kw):
@@ -256,12 +256,9 @@ def test_every_method_sees_the_same_evaluation_and_episodes(tmp_path, monkeypatc
     monkeypatch.setattr(vp, "generate", recording)
     runs = {}
     for advantage in ("vine", "critic", "grpo"):
-        args = vp.parse_args(["--model", model, "--task", "math", "--train-file", rows, "--test-file", rows,
-                              "--advantage", advantage, "--out", str(tmp_path / advantage), "--iterations", "1",
-                              "--k", "2", "--prompts-per-iteration", "2", "--samples-per-prompt", "2",
-                              "--max-new-tokens", "8", "--eval-samples", "2", "--mini-batch", "4", "--micro-batch", "4"])
         drawn.clear()
-        vp.train(args)
+        vp.train(one_math_iteration(tmp_path, model, advantage, "--advantage", advantage, "--max-new-tokens", "8",
+                                    "--micro-batch", "4"))
         runs[advantage] = drawn[:3]   # evaluation (greedy, sampled), the iteration's episodes
     assert [desc for desc, _ in runs["vine"]] == ["eval greedy", "eval sampled", "sampling"]
     assert runs["critic"] == runs["vine"] and runs["grpo"] == runs["vine"]
@@ -361,9 +358,10 @@ def test_help_names_every_demo_default_once(capsys):
     text = " ".join(capsys.readouterr().out.split())   # argparse wraps lines
     demo = text.split("the demo's apply to the flags not given:")[1]
     for name, value in vp.DEMO_DEFAULTS.items():
-        assert text.count(f"--{name.replace('_', '-')} {value}") == 1 and f"--{name.replace('_', '-')} {value}" in demo
+        flag = "--" + name.replace("_", "-")
+        assert text.count(f"{flag} {value}") == 1 and f"{flag} {value}" in demo
         if "(default" not in vp.Args.__dataclass_fields__[name].metadata["help"]:   # its own line: the real models'
-            own = re.search(rf"--{name.replace('_', '-')} [A-Z_]+ ((?!--[a-z-]+ [A-Z_]+ ).)*", text)[0]   # to the next flag
+            own = re.search(rf"{flag} [A-Z_]+ ((?!--[a-z-]+ [A-Z_]+ ).)*", text)[0]   # to the next flag
             assert own.endswith(f"(default: {getattr(vp.Args(), name)}) "), own
     assert f"--iterations {vp.PAPER_ITERATIONS['arith']}" in demo
     assert "continuations per state (K) (default: 9)" in text
