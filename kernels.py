@@ -4,7 +4,8 @@ Section 1, log-probs / entropy / PPO loss without the logits.
 Every PPO update needs log pi(token) under the policy, the old policy and the frozen reference, with
 the logits divided by the sampling temperature (spec section 1). The naive path builds [N, V] fp32
 logits (2.1 GB at 16k tokens x 32000 vocab, 6.7 GB at 102400) plus as much again for log_softmax and
-its gradient. Here no [N, V] tensor is ever held. Two ways, both below:
+its gradient. Here at most one bounded block of it is held at a time (a slab of 32 MiB on the CPU, 64 MiB-1 GiB
+on a GPU, which is all of [N, V] only when that is smaller; or one tile in registers). Two ways, both below:
   fused    the lm_head matmul and the softmax statistics in one Triton kernel per pass, one
            [BLOCK_N, BLOCK_V] tile in registers at a time: the least memory, the textbook algorithm;
   chunked  cuBLAS computes the logits one slab (a bounded [rows, V] or [N, cols] block) at a time and
@@ -14,10 +15,13 @@ its gradient. Here no [N, V] tensor is ever held. Two ways, both below:
 
 Layout of the section (Triton-tutorial style):
   reference_logprobs        pure torch, full logits: the specification and the test oracle
+  _online_softmax_update,   @triton.jit helpers shared by the fused kernels and the slab kernels: one tile into
+  _d_logits                 the running log-sum-exp statistics; one tile's dA (the backward derivation above it)
   _logprob_fwd_kernel       @triton.jit forward: online log-sum-exp, target logit, entropy
   _logprob_bwd_kernel       @triton.jit backward: recompute a tile, dX and dW by fp32 atomics
   _triton_forward/backward  launchers with the shape asserts
   _slab_*_torch / _kernel   the chunked path's softmax algebra on one slab: torch ops, Triton kernel
+  _slab_*_triton            (and _grad_from_log_p_torch, the torch backward from log p), their launchers
   _chunked_forward/backward the chunked path: cuBLAS slabs (torch ops on the CPU, the fallback)
   FusedLogprobs             the torch.autograd.Function, fused_logprobs its public entry point
   reference_ppo_loss        (1b) the spec's clipped objective + k3 KL on full logits: the test oracle
@@ -44,7 +48,8 @@ try:
     import triton
     import triton.language as tl
     HAS_TRITON = True
-except ImportError:  # torch-only install: the kernels are defined against a stub and never launched
+except ImportError:  # torch-only install: section 1's kernels are defined against a stub and never launched;
+    # section 2's exist only with Triton (`if HAS_TRITON:` blocks), and the sampler uses its torch paths
     HAS_TRITON = False
     triton = types.SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
     tl = types.SimpleNamespace(constexpr=None)
@@ -269,7 +274,8 @@ def _logprob_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-# Tiles (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages). CUDA: autotuned once per (D, V, dtype) over
+# Tiles (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages). CUDA: autotuned once per key (the forward's D, V,
+# NUM_SPLITS; the backward's D, slice width V and its COMPUTE_DX/DW flags; Triton adds the dtypes) over
 # a few bf16 matmul-style tiles (fp32 inputs may exceed shared memory on some; the autotuner skips
 # those). Elsewhere, i.e. the interpreter, which cannot autotune over several configs: one tile,
 # large because the interpreter's cost is per tile operation, not per flop.
@@ -319,7 +325,8 @@ def _triton_forward(hidden, weight, targets, temperature, num_splits=None, parti
     _check_inputs(hidden, weight, targets)
     assert hidden.is_contiguous() and weight.is_contiguous() and targets.is_contiguous()
     (N, D), V = hidden.shape, weight.shape[0]
-    if num_splits is None:   # on a GPU, aim at >= 2 programs per SM at small N (at most 16 splits); a power of 2 bounds recompiles
+    if num_splits is None:   # on a GPU, aim at >= 2 programs per SM at small N (at most 16 splits, at least 256
+        # columns each); a power of 2 (below V = 4096: V / 256) bounds the recompiles
         sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if _compiled(hidden) else 0
         wanted = triton.cdiv(2 * sms, triton.cdiv(max(N, 1), _ROWS_PER_PROGRAM_GUESS))  # N = 0: empty micro-batch
         num_splits = min(1 << max(wanted - 1, 0).bit_length(), 16, triton.cdiv(V, 256))
@@ -385,13 +392,13 @@ def _triton_backward(hidden, weight, targets, temperature, lse, entropy, grad_lo
 # ----------------------------------------------------------------------------- chunked path
 # Same math on slabs of the logits: the matmuls go to cuBLAS (torch.mm), the softmax algebra to two
 # small Triton kernels ("chunked" backend) or to torch ops ("torch" backend: the CPU fallback). Peak
-# extra memory is O(slab), never O(N V). Why this is the default on a GPU although the fused kernels
+# extra memory is one slab, bounded (_slab_bytes): O(N V) only while N V is below the slab's floor. Why this is the default on a GPU although the fused kernels
 # hold less at large N: cuBLAS runs the 8 N d V flops near the chip's matmul rate, which the fused Triton tiles do
 # not reach (README, Performance: measured side by side on an H200).
 #   forward:  row slabs   a = X[rows] W^T [C, V] fp32 -> logp, H, lse of those rows (complete rows)
 #   backward: vocab slabs a = X W[cols]^T [N, C] fp32 -> dA [N, C] (matmul dtype), then
 #             dW[cols] = dA^T X  (one matmul over all N rows: exact fp32 accumulation, one rounding)
-#             dX      += dA W[cols]  (fp32 accumulator [N, d])
+#             dX      += dA W[cols]  (fp32 accumulator [N, d]; each slab's product is in the matmul dtype)
 # Vocabulary slabs in the backward because dW [V, d] is the larger gradient at V >> d: each of its
 # slices is written once instead of accumulated over row slabs.
 TORCH_CHUNK_BYTES = 32 * 2**20                   # CPU: fp32 bytes of one slab (1024 rows at V = 8192)
@@ -426,7 +433,8 @@ def _logits_fp32(x, w):
 
 
 def _slab_stats_torch(a, targets, temperature):
-    """a [C, V] fp32 raw logits of C complete rows (overwritten) -> (logp, entropy, lse), each [C]."""
+    """a [C, V] fp32 raw logits of C complete rows -> (logp, entropy, lse), each [C]. `a` is overwritten with
+    log p, which FusedPPOLoss's torch branch then turns into dA (_grad_from_log_p_torch)."""
     z = a.mul_(1.0 / temperature)                                               # [C, V]
     lse = torch.logsumexp(z, dim=-1)                                            # [C]
     log_p = z.sub_(lse[:, None])                                                # [C, V], in place
@@ -638,7 +646,8 @@ def resolve_backend(hidden, backend="auto"):
 def fused_logprobs(hidden, weight, targets, temperature=1.0, backend="auto"):
     """hidden [N, d] (fp32 or bf16), weight [V, d] (lm_head weight, same dtype), targets [N] int64.
     Returns (logp [N] fp32, entropy [N] fp32) of softmax(hidden @ weight.T / temperature); differentiable
-    w.r.t. hidden and weight; never materialises [N, V] (except backend "reference", the naive oracle).
+    w.r.t. hidden and weight; holds one bounded slab of the [N, V] logits at a time (backend "reference",
+    the naive oracle, holds them all).
     backend: "auto" (chunked for CUDA tensors, else torch); "chunked" (cuBLAS on slabs + Triton slab
     kernels), "triton" (the fused kernels: least memory), "torch" (chunked, torch slab math: the CPU
     fallback), "reference" (naive full logits). The Triton ones run on the CPU only in the interpreter
@@ -685,7 +694,7 @@ def ppo_terms(logp, entropy, old_logp, ref_logp, advantages, *, clip_eps, kl_coe
     ratio = torch.exp(logp - old_logp)                                                  # [N]
     # max(-A rho, -A clip(rho)) picks the clipped branch exactly when A > 0 and rho > 1 + eps, or
     # A < 0 and rho < 1 - eps; there clip(rho) is constant and the gradient 0. Written with where so the
-    # mask is explicit and ties (rho on the boundary) take the unclipped branch, gradient -A / n_tokens.
+    # mask is explicit and ties (rho on the boundary) take the unclipped branch: d pg / d logp = -A rho / n_tokens.
     clipped = ((advantages > 0) & (ratio > 1 + clip_eps)) | ((advantages < 0) & (ratio < 1 - clip_eps))
     pg = torch.where(clipped, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps), -advantages * ratio)
     loss = pg.sum() / n_tokens
@@ -693,7 +702,8 @@ def ppo_terms(logp, entropy, old_logp, ref_logp, advantages, *, clip_eps, kl_coe
         loss = loss - entropy_coef * entropy.sum() / n_tokens
     if ref_logp is not None:
         log_ratio_ref = ref_logp - logp                                                 # [N]
-        kl = (torch.exp(log_ratio_ref) - log_ratio_ref - 1).clamp(0.0, 10.0)           # k3, clamped per token
+        # k3, clamped per token: d kl / d logp = 1 - exp(ref_logp - logp), and 0 where the clamp holds it at 10
+        kl = (torch.exp(log_ratio_ref) - log_ratio_ref - 1).clamp(0.0, 10.0)
         loss = loss + kl_coef * kl.sum() / n_seqs
     else:
         kl = torch.zeros_like(logp)
@@ -740,7 +750,7 @@ class FusedPPOLoss(torch.autograd.Function):
             if need_dw and d_a.dtype == torch.float32:
                 grad_weight.addmm_(d_a.T, hidden[sl])                                   # [V, d] += dA^T X, in place
             elif need_dw:
-                grad_weight += _logits_fp32(d_a.T, hidden[sl].T)                         # bf16 in, fp32 out
+                grad_weight += _logits_fp32(d_a.T, hidden[sl].T)     # bf16 in; fp32 out on a GPU with torch >= 2.9
             del d_a
             loss += part.detach()
             stats.append(part_stats)
@@ -756,7 +766,8 @@ class FusedPPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         grad_hidden, grad_weight = ctx.saved_tensors
-        # scaled in fp32, rounded once (a bf16 copy of grad_loss would round a scale like 1/3 to 8 bits)
+        # dX and dW were saved in the inputs' dtypes; the scale is applied in fp32 and rounded back once (a
+        # bf16 copy of grad_loss would round a scale like 1/3 to 8 bits)
         return (None if grad_hidden is None else (grad_hidden.float() * grad_loss).to(grad_hidden.dtype),
                 None if grad_weight is None else (grad_weight.float() * grad_loss).to(grad_weight.dtype),
                 None, None, None, None, None, None, None)
@@ -817,8 +828,8 @@ def ppo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, *, tempera
 # (transformers is imported inside functions, not at the top of this file: transformers probes for the
 # hub's `kernels` package, finds this repo's kernels.py and imports it while transformers is half initialised.)
 
-# Attention backend of the decode steps: "auto" = "triton" on CUDA, "cpu" (torch's CPU flash attention)
-# on a CPU, "torch" (plain matmuls) elsewhere; tests force each one.
+# Attention backend of the decode steps: "auto" = "triton" on CUDA (with Triton installed), "cpu" (torch's CPU
+# flash attention) on a CPU, "torch" (plain matmuls) elsewhere; tests force each one.
 SAMPLER_BACKEND = "auto"
 SAMPLER_SYNC_EVERY = None  # decode steps between host syncs (stop strings, compaction); None: 8 on CUDA, else 1
 SAMPLER_TOP_P_KERNEL = True  # with the "triton" backend, draw with _top_p_sample_kernel (False: the torch sort)
@@ -932,12 +943,12 @@ def _attention_dtype_options(q):
 
 
 def _attention_tile(M, D, element_size, on_gpu):
-    """BLOCK_M queries x BLOCK_N keys per tile. On a GPU the K and V tiles, pipelined 3 deep (Triton's
-    default num_stages), live in shared memory: BLOCK_N x BLOCK_D x element_size is kept <= 16 KiB, so
-    that bf16 and fp32 inputs with head dims 64 and 128 fit a T4's 64 KiB, an A100's 163 KiB and an
-    H100's 227 KiB (tests/test_kernels_compile.py compiles each for sm_75 / sm_80 / sm_90; a 64 x 64
-    fp32 tile needs 224 KiB on sm_90, more than an A100 has). The interpreter pays per tile operation;
-    its tiles are small only to bound the wasted padded work."""
+    """BLOCK_M queries x BLOCK_N keys per tile. On a GPU the K and V tiles live in shared memory (several
+    stages deep where Triton pipelines the loads): BLOCK_N x BLOCK_D x element_size is kept <= 16 KiB. With
+    that, bf16 and fp32 inputs at head dims 64 and 128 fit a T4's 64 KiB, an A100's 163 KiB and an H100's
+    227 KiB: tests/test_kernels_compile.py compiles each tile for sm_75 / sm_80 / sm_90 and checks the shared
+    memory it asks for. (BLOCK_N = 64 for fp32 at head dim 128 would need 224 KiB on sm_90, more than an
+    A100 has.) The interpreter pays per tile operation; its tiles are small only to bound the padded work."""
     block_d = max(16, triton.next_power_of_2(D))
     if not on_gpu:
         return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=16, BLOCK_D=block_d)
@@ -966,7 +977,7 @@ def _merge_partials_torch(o1, l1, o2, l2, pad_idx, R, out_dtype):
         out = (o1 w1 + o2 w2) / (w1 + w2),  w_i = exp(l_i - max(l1, l2))
     (l2 is always finite: a row attends to its own last token). Returns (B, Hkv, nrep, D) in out_dtype."""
     G, Hkv, _, D = o1.shape
-    B, _, nrep, _ = o2.shape
+    nrep = o2.shape[2]
     o1 = o1.view(G, Hkv, R, nrep, D).permute(0, 2, 1, 3, 4).reshape(G * R, Hkv, nrep, D).index_select(0, pad_idx)
     l1 = l1.view(G, Hkv, R, nrep).permute(0, 2, 1, 3).reshape(G * R, Hkv, nrep).index_select(0, pad_idx)
     m = torch.maximum(l1, l2)  # (B, Hkv, nrep)
@@ -1229,7 +1240,8 @@ def _sample_next_torch(logits, temperature, top_p, u):
 # digit by digit on the logits' bits (a radix select, 4 bits per pass, most significant first): each
 # pass reads the row once and builds a 16-bin histogram of mass over the next digit among the tokens
 # that match the digits fixed so far, and fixes the digit where the mass from the top reaches tau.
-# bf16 logits have 16 significant bits, so 4 passes; fp16 20 bits, 5 passes; fp32 8 passes. Ties are
+# bf16 logits have 16 significant bits, so 4 passes; fp16 19 (sign, 8 exponent and 10 mantissa bits of its fp32
+# key), 5 passes; fp32 32 bits, 8 passes. Ties are
 # resolved the way the stable sort does: within the group at x(tau), by index.
 #   1. one pass: max z and Z = sum_j w_j
 #   2. nucleus (top_p < 1): x* = x(top_p Z); of its group, the first c tokens are kept, c the fewest
@@ -1357,7 +1369,7 @@ if HAS_TRITON:
         tl.store(OUT + r, tl.where(pick >= 0, pick, last).to(tl.int64))
 
 
-_KEY_PASSES = {torch.bfloat16: 4, torch.float16: 5, torch.float32: 8}  # significant bits / 4
+_KEY_PASSES = {torch.bfloat16: 4, torch.float16: 5, torch.float32: 8}  # significant bits / 4, rounded up
 
 
 def _top_p_sample_triton(logits, temperature, top_p, u, tile=None):
@@ -1656,7 +1668,7 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
         return [], []
     budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
     assert len(budgets) == n, "max_new_tokens: one int, or one per prefix"
-    if n == 0 or k <= 0 or max(budgets) <= 0:
+    if k <= 0 or max(budgets) <= 0:
         return [[[] for _ in range(k)] for _ in range(n)], [[False] * k for _ in range(n)]
     assert all(len(p) > 0 for p in prefixes), "every prefix needs at least one token (e.g. BOS)"
     live = [i for i in range(n) if budgets[i] > 0]   # the prefixes decoded; the others get k empty rows

@@ -164,7 +164,7 @@ def validate(args: Args) -> Optional[str]:
         return "--model tiny is the demo model with a character vocabulary: it runs --task arith only"
     if args.model != "tiny" and args.model not in PRESETS and not os.path.isdir(args.model) \
             and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.model):
-        return f"--model {args.model!r} is not a preset ({', '.join(PRESETS)}, tiny), a local folder or a Hub id"
+        return f"--model {args.model!r} is not a preset ({', '.join(PRESETS)}, tiny), a local folder or a Hub id owner/name"
     for name in ("k", "iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
                  "mini_batch", "micro_batch", "eval_samples", "save_every", "eval_every", "max_states"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -255,7 +255,7 @@ def load_problems(task: str, split: str, path: Optional[str] = None) -> list:
     else:
         out = [{"problem": r["problem"], "solution": r["solution"], "answer": r.get("answer") or last_boxed(r["solution"])}
                for r in rows]
-    out = [r for r in out if r["answer"]]   # a problem without a gold answer could only ever score 0
+    out = [r for r in out if r["answer"]]   # NOTE: dropped: a problem without a gold answer could only ever score 0
     if len(out) < len(rows):
         where = "no ####" if task == "gsm8k" else "no \\boxed{}"
         print(f"{path or task} ({split}): {len(rows) - len(out)} of {len(rows)} problems have no final answer "
@@ -306,6 +306,7 @@ def _as_number(s: str) -> Optional[Decimal]:
 def grade(response: str, gold: str, task: str) -> bool:
     """Is the final answer of `response` equal to `gold` (the final answer alone)?
     arith: exact string. gsm8k: numeric equality after removing ",", "$", spaces and a trailing ".", so "72.0" == "72"
+    (an answer that is no number: the strings without commas and spaces)
     (NOTE: the authors' code compares strings, after removing commas and lower-casing (spec 8: commas and spaces);
     numeric equality forgives formatting only).
     math: last \\boxed{} vs gold, mathematical equivalence by math-verify; a gold that does not parse never scores."""
@@ -316,7 +317,7 @@ def grade(response: str, gold: str, task: str) -> bool:
         return pred == gold.strip()
     if task == "gsm8k":
         p, g = _as_number(pred), _as_number(gold)
-        return p == g if p is not None and g is not None else pred.replace(",", "") == gold.replace(",", "").strip()
+        return p == g if p is not None and g is not None else pred.replace(",", "").replace(" ", "") == gold.replace(",", "").replace(" ", "")
     from math_verify import parse, verify
     gold_parsed = parse(f"${gold}$", fallback_mode="no_fallback")
     if not gold_parsed:
@@ -372,8 +373,12 @@ MATH_SPAN = re.compile(r"\$\$.*?\$\$|\\\[.*?\\\]|\\begin\{([a-zA-Z*]+)\}.*?\\end
 
 def _split_math(response: str, min_chars: int = 20, max_chars: int = 100) -> list:
     """MATH: LaTeX-aware. Split after newlines and sentence ends outside math; merge pieces under
-    `min_chars` into the next; bisect pieces over `max_chars` at ", " / " and " / "; " outside math or
-    at "\\\\" / "=" inside display math. Never split inside inline math ($..$, \\(..\\))."""
+    `min_chars` into the next; bisect pieces over `max_chars` after "," / " and" / ";" outside math or
+    after "\\\\" / "=" inside display math. Never split inside inline math ($..$, \\(..\\)).
+    Every cut goes before the spaces that follow it, so a step starts with its own spaces (as the authors'
+    splitter does): tokenizers put a space on the word after it (" Then", "▁Then"), and a token belongs to
+    the step holding its first character, so a step ending in ". " would give its state s_i the first word of
+    step i, a choice V(s_i) should not have made yet."""
     inline = [False] * (len(response) + 1)   # position p lies inside inline math
     display = [False] * (len(response) + 1)  # ... inside display math ($$, \[, \begin, [asy])
     for m in MATH_SPAN.finditer(response):
@@ -381,7 +386,8 @@ def _split_math(response: str, min_chars: int = 20, max_chars: int = 100) -> lis
         for p in range(m.start() + 1, m.end()):
             (inline if is_inline else display)[p] = True
     in_math = [a or b for a, b in zip(inline, display)]
-    cuts = [m.end() for m in re.finditer(r"\n+|[.!?](?:\s+)", response) if not in_math[m.start()]]
+    before_spaces = lambda m: m.end() - (len(m.group()) - len(m.group().rstrip(" \t")))   # cut after match m, before its spaces
+    cuts = [before_spaces(m) for m in re.finditer(r"\n+|[.!?]\s+", response) if not in_math[m.start()]]
     pieces = [response[a:b] for a, b in zip([0] + cuts, cuts + [len(response)]) if b > a]
     merged = []  # short pieces ("Thus, " / a lone formula line) join the piece after them
     for piece in pieces:
@@ -395,8 +401,8 @@ def _split_math(response: str, min_chars: int = 20, max_chars: int = 100) -> lis
     def bisect(start: int, end: int) -> list:
         if end - start <= max_chars:
             return [response[start:end]]
-        spots = [m.end() for m in re.finditer(r", |; | and ", response[start:end]) if not in_math[start + m.start()]]
-        spots += [m.start() for m in re.finditer(r"\\\\|=", response[start:end]) if display[start + m.start()]]
+        spots = [before_spaces(m) for m in re.finditer(r", |; | and ", response[start:end]) if not in_math[start + m.start()]]
+        spots += [before_spaces(m) for m in re.finditer(r"(?:\\\\|=)\s*", response[start:end]) if display[start + m.start()]]
         spots = [start + s for s in spots if min_chars <= s <= end - start - min_chars]
         if not spots:
             return [response[start:end]]
@@ -1303,8 +1309,9 @@ def train(args: Args) -> list:
             record.update(evaluate(policy, tokenizer, test_rows, args, task))
             record["time/eval"] = time.time() - t3
         log_metrics(args.out, record); records.append(record)
+        adv0 = f"{record['adv/zero_frac']:.2f}" if "adv/zero_frac" in record else "   -"   # critic: not counted
         print(f"iter {it + 1:4d} | reward {record['train/reward']:.3f} | kl {record.get('loss/kl', 0):.4f}"
-              f" | clip {record.get('loss/clipfrac', 0):.3f} | adv0 {record.get('adv/zero_frac', 0):.2f}"
+              f" | clip {record.get('loss/clipfrac', 0):.3f} | adv0 {adv0}"
               f" | rollouts {record['mc/rollouts']:5d} | t {t1 - t0:.1f}+{t2 - t1:.1f}+{t3 - t2:.1f}s"
               + (f" | eval acc {record['eval/accuracy']:.3f} greedy {record['eval/greedy_accuracy']:.3f}" if "eval/accuracy" in record else ""),
               flush=True)

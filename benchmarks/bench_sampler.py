@@ -6,7 +6,8 @@ EOS suppressed so every continuation has max_new_tokens tokens).
     python benchmarks/bench_sampler.py --gpu      # GPU rows only (fails if there is no GPU)
     python benchmarks/bench_sampler.py --cpu      # CPU rows only
 
-CPU rows: the demo's model (Llama, 2 layers, d 96) and a small Llama (4 layers, d 256), demo-shaped
+CPU rows: a demo-sized Llama (2 layers, d 96, MLP 384, vocabulary 32; the demo's own has MLP 256 and 20
+tokens) and a small Llama (4 layers, d 256), demo-shaped
 workload; reported as ratios ours / generate of new tokens/s and of prefill tokens computed.
 GPU rows: randomly initialised RhoMath-1.1B-shaped Llama (22 layers, d 2048, 4 KV heads, vocab 32000)
 and DeepSeekMath-7B-shaped Llama (30 layers, d 4096, 32 KV heads, vocab 102400), bf16, the paper's

@@ -159,6 +159,41 @@ def test_token_step_map_char_tokenizer_every_token_in_its_step():
     assert step_of == owner
 
 
+# Pre-tokenizers of three families, built here (no download): a token never crosses their cuts, and every word
+# after a space carries that space at its front (" Then", "▁Then"), as in the paper's models' tokenizers.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+MATH_SENTENCES = ("We have $x = 3.5$ and that is the first fact. Then the value is really quite large, so we continue on "
+                  "with the rest of it and we never stop. Finally we add up all of it, and that gives $\\boxed{3}$.")
+MATH_DISPLAY = ("Expanding gives\n$$\na^2 + 2ab + b^2 + 2ac + 2bc + c^2 = (a+b+c)^2 = 100 + 200 + 300 + 400 + 500 + 600 "
+                "\\\\\nx = 5 + 6 + 7 + 8 + 9 + 10 + 11 + 12 + 13 + 14 + 15\n$$\nso the answer is $\\boxed{5}$.")
+
+
+def _pre_tokenizer(name):
+    from tokenizers import Regex, pre_tokenizers
+    return {"gpt2-bytelevel": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
+            "qwen2-regex": lambda: pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            "llama-metaspace": lambda: pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                                                 pre_tokenizers.Metaspace(prepend_scheme="first")])}[name]()
+
+
+@pytest.mark.parametrize("pre", ["gpt2-bytelevel", "qwen2-regex", "llama-metaspace"])
+@pytest.mark.parametrize("text,task", [(GSM8K_SOLUTION, "gsm8k"), (MATH_SOLUTION, "math"), (MATH_SENTENCES, "math"),
+                                       (MATH_DISPLAY, "math")], ids=["gsm8k", "math", "math-sentences", "math-display"])
+def test_each_state_is_the_prompt_and_its_steps_for_space_prefixed_tokens(pre, text, task):
+    """s_i = prompt + the first i steps, token for token: the first token of step i starts at the step's first
+    character, also where the step follows a sentence end, a comma or a display-math "=" and its first token
+    carries the space before it. (Steps ending in ". " gave s_i step i's first word: " Then".)"""
+    starts_at = sorted({a for _, (a, _) in _pre_tokenizer(pre).pre_tokenize_str(text)} | {0})
+    pieces = [text[a:b] for a, b in zip(starts_at, starts_at[1:] + [len(text)])]   # one token per pre-token
+    decode = lambda ids: "".join(pieces[i] for i in ids)
+    ids = list(range(len(pieces)))
+    steps = vp.split_steps(text, task)
+    starts = vp.step_token_starts(ids, steps, decode)
+    assert len(steps) >= 2 and decode(ids) == text
+    assert [decode(ids[:t]) for t in starts] == ["".join(steps[:i]) for i in range(len(steps))]
+
+
 # ---------------------------------------------------------------- grading
 @pytest.mark.parametrize("response,gold,task,expected", [
     ("1+2=3\n#### 3", "3", "arith", True),
@@ -173,6 +208,7 @@ def test_token_step_map_char_tokenizer_every_token_in_its_step():
     ("#### sNaN", "18", "gsm8k", False),                            # parses as a Decimal, raises on ==
     ("#### NaN", "NaN", "gsm8k", True),                             # not a number: compared as strings
     ("#### 1,000 apples", "1000 apples", "gsm8k", True),            # strings compared without commas
+    ("#### 1 000 apples", "1000 apples", "gsm8k", True),            # ... and spaces (spec 8)
     ("#### 1000 pears", "1000 apples", "gsm8k", False),
     ("#### Infinity", "18", "gsm8k", False),
     ("the answer is $\\boxed{0.5}$", "\\frac{1}{2}", "math", True),  # decimal vs fraction
