@@ -936,7 +936,8 @@ def _partial_attention_triton(q, k, v, lens, scale, len_div):
 
 
 def _attention_dtype_options(q):
-    """UPCAST: fp32 math (fp32 inputs; the interpreter, whose bf16 math is wrong). fp32 inputs get ieee
+    """UPCAST: fp32 math (fp32 inputs; CPU tensors, which only the interpreter runs, and its bf16 math is wrong;
+    the tests never give the interpreter CUDA tensors: conftest.py runs `cuda` cases only without it). fp32 inputs get ieee
     dots: tf32's 10-bit mantissa would flip near-tied greedy tokens against the model's own attention."""
     upcast = not q.is_cuda or q.dtype == torch.float32
     return dict(UPCAST=upcast, DOT_PRECISION="ieee" if upcast else None)
