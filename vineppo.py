@@ -386,7 +386,8 @@ def _split_math(response: str, min_chars: int = 20, max_chars: int = 100) -> lis
         for p in range(m.start() + 1, m.end()):
             (inline if is_inline else display)[p] = True
     in_math = [a or b for a, b in zip(inline, display)]
-    before_spaces = lambda m: m.end() - (len(m.group()) - len(m.group().rstrip(" \t")))   # cut after match m, before its spaces
+    before_spaces = lambda m: m.end() - len(re.search(r"[^\S\n]*\Z", m.group()).group())   # cut after match m, before its
+    # trailing spaces (any but newlines: also U+00A0, U+202F ...)
     cuts = [before_spaces(m) for m in re.finditer(r"\n+|[.!?]\s+", response) if not in_math[m.start()]]
     pieces = [response[a:b] for a, b in zip([0] + cuts, cuts + [len(response)]) if b > a]
     merged = []  # short pieces ("Thus, " / a lone formula line) join the piece after them
@@ -419,13 +420,22 @@ def _split_math(response: str, min_chars: int = 20, max_chars: int = 100) -> lis
 def step_token_starts(response_ids: list, steps: list, decode) -> list:
     """Index of the first token of each step. Token t belongs to the step that holds its first
     character (spec 3), so step j starts at the first token whose text starts at or after the step's
-    first character. decode(ids) -> text is monotone in the number of ids: binary search per step."""
+    first character: the smallest t whose first t tokens cover the text before it. What they cover is the
+    part of decode(ids[:t]) that agrees with the whole text: a character split over byte tokens shows as
+    U+FFFD while unfinished, one per byte with Llama's byte fallback, so len(decode(ids[:t])) alone can
+    shrink as t grows; the covered length cannot. Binary search per step."""
+    text = "".join(steps)
+
+    def covered(t):
+        shown = decode(response_ids[:t])
+        return len(shown) if text.startswith(shown) else len(os.path.commonprefix([shown, text]))
+
     starts, char = [], 0
     for step in steps:
         lo, hi = (starts[-1] if starts else 0), len(response_ids)
-        while lo < hi:  # smallest t with len(decode(ids[:t])) >= char
+        while lo < hi:  # smallest t with covered(t) >= char
             mid = (lo + hi) // 2
-            if len(decode(response_ids[:mid])) >= char:
+            if covered(mid) >= char:
                 hi = mid
             else:
                 lo = mid + 1

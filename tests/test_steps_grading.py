@@ -194,6 +194,40 @@ def test_each_state_is_the_prompt_and_its_steps_for_space_prefixed_tokens(pre, t
     assert [decode(ids[:t]) for t in starts] == ["".join(steps[:i]) for i in range(len(steps))]
 
 
+def _byte_tokens(text, family):
+    """`text` as one token per ASCII character and one per UTF-8 byte of any other, written as the tokenizer family
+    writes byte tokens, with that family's own decoder from `tokenizers` (no download): Llama's byte fallback
+    (RhoMath) shows an unfinished character as one U+FFFD per byte, byte-level BPE (GPT-2, Qwen2, DeepSeek) as one."""
+    from tokenizers import decoders, pre_tokenizers
+    if family == "llama-bytefallback":
+        tokens = [t for ch in text for t in (["▁" if ch == " " else ch] if ch.isascii() else
+                                             [f"<0x{b:02X}>" for b in ch.encode()])]
+        decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    else:   # every byte is one character of the byte-level alphabet
+        tokens = list(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(text)[0][0])
+        decoder = decoders.ByteLevel()
+    return list(range(len(tokens))), lambda ids: decoder.decode([tokens[i] for i in ids])
+
+
+@pytest.mark.parametrize("family", ["llama-bytefallback", "byte-level"])
+@pytest.mark.parametrize("text,task", [
+    ("\nShe has 5 🍎\nSo 5 + 3 = 8 €\n#### 8", "gsm8k"),
+    ("\nWe draw a happy face 😀. Then we count its 3 eyes and 2 mouths, which is odd. So the total is 5 "
+     "and the angle is 90°. Finally the answer is $\\boxed{5}$.", "math"),
+], ids=["gsm8k", "math"])
+def test_states_never_end_inside_a_character_split_over_byte_tokens(family, text, task):
+    """A character outside the vocabulary is sampled as byte tokens. Unfinished, it decodes to U+FFFD (one per byte
+    with byte fallback, so the decoded length drops when it completes): the state before a step still ends after
+    the whole character, and a step after a narrow no-break space (U+202F) starts with it."""
+    ids, decode = _byte_tokens(text, family)
+    steps = vp.split_steps(decode(ids), task)
+    starts = vp.step_token_starts(ids, steps, decode)
+    assert decode(ids) == text and len(steps) >= 2
+    assert [decode(ids[:t]) for t in starts] == ["".join(steps[:i]) for i in range(len(steps))]
+    assert task == "gsm8k" or any(st.startswith(" ") for st in steps)
+
+
 # ---------------------------------------------------------------- grading
 @pytest.mark.parametrize("response,gold,task,expected", [
     ("1+2=3\n#### 3", "3", "arith", True),
