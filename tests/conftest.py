@@ -26,15 +26,36 @@ DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() and os.environ["TRITON_IN
 ASCII = "".join(chr(c) for c in range(32, 127)) + "\n"
 
 
-def save_random_model(folder, arch="llama", alphabet=ASCII, seed=0, layers=2, width=64, positions=512):
-    """A randomly initialised small model of a real architecture with a character tokenizer, saved
-    like a Hub checkpoint: what `--model <folder>` loads on this offline machine."""
+# Qwen2's (and, nearly, DeepSeek's) pre-tokenizer: a word takes the one character before it (a space), digits
+# stand alone, punctuation takes the newlines after it
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+
+
+def bpe_tokenizer(corpus, vocab_size=400):
+    """A byte-level BPE of the Qwen2 / DeepSeek kind (their pre-tokenizer regex, the byte-level alphabet), trained
+    here on `corpus` (a list of texts): tokens of several characters, as the paper's models have, without a download."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                         show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def save_random_model(folder, arch="llama", alphabet=ASCII, seed=0, layers=2, width=64, positions=512, tokenizer=None):
+    """A randomly initialised small model of a real architecture with a character tokenizer (or `tokenizer`),
+    saved like a Hub checkpoint: what `--model <folder>` loads on this offline machine."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     import vineppo
 
-    tok = vineppo.build_char_tokenizer(alphabet)
+    tok = tokenizer or vineppo.build_char_tokenizer(alphabet)
     common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
     torch.manual_seed(seed)
     if arch == "llama":

@@ -4,7 +4,7 @@ import random
 import pytest
 
 import vineppo as vp
-from conftest import write_jsonl
+from conftest import QWEN2_SPLIT, write_jsonl
 
 GSM8K_SOLUTION = (
     "\nNatalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
@@ -161,8 +161,6 @@ def test_token_step_map_char_tokenizer_every_token_in_its_step():
 
 # Pre-tokenizers of three families, built here (no download): a token never crosses their cuts, and every word
 # after a space carries that space at its front (" Then", "▁Then"), as in the paper's models' tokenizers.
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-               r"|\s+(?!\S)|\s+")
 MATH_SENTENCES = ("We have $x = 3.5$ and that is the first fact. Then the value is really quite large, so we continue on "
                   "with the rest of it and we never stop. Finally we add up all of it, and that gives $\\boxed{3}$.")
 MATH_DISPLAY = ("Expanding gives\n$$\na^2 + 2ab + b^2 + 2ac + 2bc + c^2 = (a+b+c)^2 = 100 + 200 + 300 + 400 + 500 + 600 "

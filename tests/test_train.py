@@ -12,7 +12,7 @@ import types
 import pytest
 
 import vineppo as vp
-from conftest import DEVICES, save_random_model, write_jsonl
+from conftest import DEVICES, bpe_tokenizer, save_random_model, write_jsonl
 
 ARITH = "0123456789+-*=# \n"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,6 +221,52 @@ def test_real_model_path_math_jsonl(tmp_path, arch, advantage, lora, device, cap
     assert 0 < records[-1]["update/grad_norm"] < float("inf")
     if device == "cuda":
         assert vp.kernels.HAS_TRITON and "CUDA graph capture failed" not in capsys.readouterr().out
+
+
+BPE_ROWS = {   # solutions of several steps, each a sentence or line of >= 20 characters
+    "gsm8k": [{"question": f"Tom has {a} apples and buys {b} more. How many apples?",
+               "answer": f"Tom had {a} apples before he went out.\nThen he has {a}+{b} = <<{a}+{b}={a + b}>>{a + b} apples.\n"
+                         f"#### {a + b}"} for a, b in [(3, 4), (10, 5), (7, 8), (20, 22)]],
+    "math": [{"problem": f"Compute ${a}^2 + {b}$.",
+              "solution": f"First we compute the square on its own. Then ${a}^2 = {a * a}$, and we add {b} to it. "
+                          f"So the answer is $\\boxed{{{a * a + b}}}$."} for a, b in [(2, 3), (3, 5), (4, 1), (5, 2)]],
+}
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "math"])
+def test_real_model_path_with_a_bpe_tokenizer(tmp_path, task, monkeypatch):
+    """The paper's models' tokenizers are BPEs whose tokens span several characters, carry the space before a
+    word (" Then") and join punctuation to the newlines after it. A random Qwen2 with a byte-level BPE trained
+    here, fine-tuned for a moment on solutions of several steps, runs an iteration, and every state of every
+    sampled response ends exactly after its steps wherever a token boundary lies there (the states the MC
+    rollouts continue from, and the steps' token ranges, follow from them)."""
+    import torch
+    rows = BPE_ROWS[task]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    problems = vp.load_problems(task, "train", data)
+    tok = bpe_tokenizer([vp.format_prompt(r["problem"], task) + r["solution"] for r in problems] * 4)
+    model = save_random_model(tmp_path / "qwen2", "qwen2", tokenizer=tok, seed=1)
+    policy, _ = vp.load_policy(model, torch.device("cpu"), vp.parse_args(["--model", model]))
+    vp.sft(policy, tok, problems, task, steps=150, lr=3e-3, batch_size=8, seed=0)   # ~2 s
+    policy.save_pretrained(model)
+    episodes, real_sample = [], vp.sample_episodes
+    monkeypatch.setattr(vp, "sample_episodes", lambda *a, **kw: (lambda out: episodes.extend(out) or out)(real_sample(*a, **kw)))
+    records = vp.train(vp.parse_args(["--model", model, "--task", task, "--train-file", data, "--test-file", data,
+                                      "--out", str(tmp_path / "run"), "--iterations", "1", "--k", "2",
+                                      "--prompts-per-iteration", "4", "--samples-per-prompt", "4", "--temperature", "1.0",
+                                      "--max-new-tokens", "60", "--eval-problems", "1", "--eval-samples", "1",
+                                      "--mini-batch", "16"]))
+    assert records[-1]["iteration"] == 1 and records[-1]["mc/rollouts"] > 0 and records[-1]["update/steps"] == 2
+    checked = 0
+    for e in episodes:
+        dec = lambda ids: vp.decode(tok, ids)
+        shown = {dec(e.response_ids[:t]) for t in range(len(e.response_ids) + 1)}   # the texts token boundaries end
+        assert e.step_starts == sorted(e.step_starts) and "".join(e.steps) == e.text == dec(e.response_ids)
+        for i, t in enumerate(e.step_starts[1:], 1):
+            if "".join(e.steps[:i]) in shown:
+                assert dec(e.response_ids[:t]) == "".join(e.steps[:i]), (i, e.steps)
+                checked += 1
+    assert len(episodes) == 16 and checked >= 8   # states after the first that end on a token boundary (here: all)
 
 
 def test_sampler_flags_reach_the_sampler(tmp_path, monkeypatch):
