@@ -15,7 +15,8 @@ sum(g1 * logp + g2 * H) with fixed random g1, g2 into hidden and weight):
   liger   Liger-Kernel's fused linear cross entropy (CUDA only, if installed): logp only, no entropy,
           temperature applied by scaling hidden
 Effective TFLOP/s counts 8 N d V per forward+backward (logits 2NdV, recomputed logits 2NdV, dX and dW
-2NdV each); the ceiling is torch.matmul on [N, d] x [d, V] in the same dtype, measured here.
+2NdV each) for every method, so for naive, trl and liger, which do 6 N d V, it is an effective rate
+(3/4 of it is their matmul utilisation); the ceiling is torch.matmul on [N, d] x [d, V] in the same dtype, measured here.
 A second table times kernels.ppo_loss forward + backward at the largest token count, its gradient computed
 in the forward (the default: 6 N d V flops) against the same loss through fused_logprobs, whose backward
 recomputes the logits (8 N d V).
@@ -141,19 +142,24 @@ def ppo_table(shapes, N, dtype, device, backend, reps):
 
 # ----------------------------------------------------------------------------- measurement
 def cpu_peak_extra_bytes(fn):
-    """Highest total of bytes allocated by CPU tensors during fn() and alive at the same time, from
-    the profiler's allocation trace (private-ish API: torch._C._profiler event tree)."""
+    """Most bytes that CPU tensors allocated during fn() hold at the same time, from the profiler's allocation
+    trace (private-ish API: torch._C._profiler event tree). Its total_allocated counts every live CPU tensor
+    of the process, so the level just before fn's first allocation event is subtracted."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            peak = max(peak, node.extra_fields.total_allocated)
+            events.append(node)
         stack.extend(node.children)
-    return peak
+    if not events:
+        return 0
+    first = min(events, key=lambda e: e.start_time_ns)
+    before = first.extra_fields.total_allocated - first.extra_fields.alloc_size   # alloc_size < 0 for a free
+    return max(0, max(e.extra_fields.total_allocated for e in events) - before)
 
 
 def time_and_memory(run, inputs, device, reps):
@@ -182,9 +188,12 @@ def time_and_memory(run, inputs, device, reps):
             call()
             torch.cuda.synchronize()
             return seconds, torch.cuda.max_memory_allocated() - base
-        t0 = time.perf_counter()             # CPU: one call, timed and traced together (profiler warmed up)
-        peak = cpu_peak_extra_bytes(call)
-        return time.perf_counter() - t0, peak
+        hidden.grad = weight.grad = None     # CPU: one call timed, then one traced (the profiler slows ops down)
+        t0 = time.perf_counter()
+        call()
+        seconds = time.perf_counter() - t0
+        hidden.grad = weight.grad = None     # freed before the trace, whose baseline is then the inputs alone
+        return seconds, cpu_peak_extra_bytes(call)
     except torch.cuda.OutOfMemoryError:
         failure = "OOM"
     except Exception as e:  # noqa: BLE001 -- one broken method must not cost the whole GPU call
