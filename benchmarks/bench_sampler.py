@@ -12,8 +12,11 @@ workload; reported as ratios ours / generate of new tokens/s and of prefill toke
 GPU rows: randomly initialised RhoMath-1.1B-shaped Llama (22 layers, d 2048, 4 KV heads, vocab 32000)
 and DeepSeekMath-7B-shaped Llama (30 layers, d 4096, 32 KV heads, vocab 102400), bf16, the paper's
 workload shape (prompt 256, response 512 in 8 steps, K=9, continuations of 512 tokens); ours runs a
-slice of 64 prompts x 8 responses sized to the time budget, generate a smaller slice (tokens/s are
-per-token rates, so slices of one workload compare). Roofline: bytes one of our decode steps must read
+slice of 64 prompts x 8 responses sized to the time budget, generate a smaller slice, in one call
+(--generate-states). Tokens/s are per-token rates, but they grow with the rows decoded together, and
+generate's slice is smaller than ours' batches (288 rows against 2052 at 1.1B, 36 against ~171 at 7B)
+and its states shorter at 7B (its first 4: prefixes of 256-448 tokens against ours' ~507 on average):
+its rows understate what generate reaches at ours' batch size, by an amount not measured. Roofline: bytes one of our decode steps must read
 (weights + the KV it attends over, the shared prefix once per nest) at the measured copy bandwidth.
 """
 import argparse
@@ -56,7 +59,9 @@ def run_ours(model, states, K, T, temperature=0.6, top_p=0.9):
     n_new = sum(len(r) for rows in toks for r in rows)
     assert n_new == len(states) * K * T, "EOS is suppressed: every continuation must have T tokens"
     stats = dict(ks.SAMPLER_STATS)
-    return dict(seconds=dt, cpu=cpu, new=n_new, prefill=stats["prefill_tokens"], stats=stats)
+    # prefill: the tokens computed before each row's first new token, as generate's count is: the leaders' prefill
+    # (all but each leader's last token) and, in decode step 0, every row's pass over its state's last token
+    return dict(seconds=dt, cpu=cpu, new=n_new, prefill=stats["prefill_tokens"] + len(states) * K, stats=stats)
 
 
 def run_generate(model, states, K, T, batch_states, static=False, compile=False, temperature=0.6, top_p=0.9):
@@ -150,7 +155,8 @@ def cpu_rows(args):
     print(f"{'model':<26}{'method':<22}{'s':>7}{'cpu s':>7}{'new tok/s':>11}{'prefill tok':>13}")
     for name, model in [("demo Llama 2L d96 V32", make_llama(2, 96, 4, 4, 32, 384, 256)),
                         ("small Llama 4L d256 V32", make_llama(4, 256, 4, 4, 32, 1024, 256))]:
-        run_ours(model, states[:8], K, 4)  # warm-up
+        run_ours(model, states[:8], K, 4)  # warm-ups, one each
+        run_generate(model, states[:8], K, 4, batch_states=8)
         ours = run_ours(model, states, K, T)
         gen = run_generate(model, states, K, T, batch_states=len(states))
         for label, r in [("ours", ours), ("generate(nrs=K)", gen)]:
@@ -209,7 +215,9 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
         model = make_llama(**cfg, dtype=dtype, device=device)
         if args.compile:
             torch._dynamo.reset()  # the last config's compiled layers would make this one's sizes dynamic
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        # a decode step reads every weight but the input embedding, of which it reads one row per sequence
+        embedding = model.get_input_embeddings().weight
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - embedding.numel() * embedding.element_size()
         kv_tok = 2 * cfg["layers"] * cfg["kv_heads"] * (cfg["d"] // cfg["heads"]) * torch.finfo(dtype).bits // 8
         states = workload(ours_prompts, 8, *shape, cfg["vocab"])
         run_ours(model, states[:9], K, 8)  # warm-up: Triton compile, CUDA graph path
@@ -256,7 +264,10 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
             rows.append(("ours, greedy", run_ours(model, states, K, T, temperature=0.0), len(states)))
         eager = None
         if not args.no_generate:
-            gstates = workload(1, 8, *shape, cfg["vocab"], seed=1)[:gen_states]
+            gen_states = gen_batch = args.generate_states or gen_states
+            per_prompt = 1 + 8 * (shape[2] - 1)                       # s_0 and 8 responses' s_1 .. s_{n-1}
+            gstates = workload(-(-gen_states // per_prompt), 8, *shape, cfg["vocab"], seed=1)[:gen_states]
+            run_generate(model, gstates[:1], K, 8, batch_states=1)   # warm-up, as ours had
             eager = run_generate(model, gstates, K, T, batch_states=gen_batch)
             rows.append(("generate eager", eager, len(gstates)))
             try:
@@ -406,6 +417,9 @@ def main():
     ap.add_argument("--compile", action="store_true",
                     help="also time ours with torch.compile'd decoder layers (kernels.SAMPLER_COMPILE); on a GPU at the "
                          "default memory share and at each --memory-fraction")
+    ap.add_argument("--generate-states", type=int, default=None,
+                    help="GPU: states (x K rows) that generate runs in one call (default: 32 at 1.1B, 4 at 7B, sized to "
+                         "the time budget; its per-token rate grows with the batch, as ours does)")
     ap.add_argument("--compile-baseline", action="store_true",
                     help="GPU: let generate torch.compile its static-cache forward (slow to compile)")
     args = ap.parse_args()

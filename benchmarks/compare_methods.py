@@ -149,7 +149,7 @@ def table(opts, data: dict, analysis: dict = None) -> str:
         critic_best = max((v, -i) for i, v in curve.items() if i > 0)   # best over training, earliest on ties
     head = "| method | seeds | final acc | final - start | greedy final | best acc (iteration) | s / iteration | MC share | wall-clock per run |"
     if critic_best:
-        head += f" first iteration at critic's best ({critic_best[0]:.3f}) | wall-clock to it |"
+        head += f" first iteration at critic's best ({critic_best[0]:.3f}) | training time to it (s / iteration x iterations, evaluations excluded) |"
     lines += ["", "Summary (time measured with the runs sharing the machine; compare methods, not absolute speed):", "",
               head, "|" + "---|" * (head.count("|") - 1)]
     for m, d in data.items():

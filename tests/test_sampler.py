@@ -637,7 +637,8 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     from benchmarks import bench_sampler
     tiny = ("tiny", dict(layers=1, d=64, heads=4, kv_heads=2, vocab=64, inter=128, max_pos=128), 1, 2, 2)
     args = types.SimpleNamespace(new_tokens=3, compile_baseline=False, no_generate=False, greedy_row=True,
-                                 sort_row=True, profile=True, repeats=2, memory_fraction=[0.9], compile=True)
+                                 sort_row=True, profile=True, repeats=2, memory_fraction=[0.9], compile=True,
+                                 generate_states=3)
     with torch.no_grad():
         bench_sampler.gpu_rows(args, device="cpu", configs=[tiny], shape=(8, 16, 4), K=2, dtype=torch.float32)
     out = capsys.readouterr().out
@@ -649,6 +650,10 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     # 1 + 8 x 3 states, K=2
     assert table[0][2:4] == ["25", "50"] and table[1][4:6] == table[2][4:6] == table[5][3:5] == ["25", "50"]
     assert table[3][3:5] == ["25", "50"] and table[4][5:7] == ["25", "50"]
+    assert table[6][3:5] == table[7][3:5] == ["3", "6"]   # --generate-states 3: 3 states, K = 2 rows each
+    # counted alike: ours prefills the 8 leaders (20 tokens) but their last (8 x 19), then each of its 50 rows passes
+    # over its state's last token; generate pads its 3 states to 16 tokens and prefills each of their 2 copies
+    assert "prefill tokens: ours 202 for 25 states, generate 96 for 3 (4x more per state)" in out
     # (on the CPU the batch budget is a fixed 1 GiB, not a share of free memory: this covers the row's code path)
     for name in ("ours, memory 0.9", "ours, compiled", "ours, compiled, memory 0.9"):
         assert f"{name}: 1 batches, 0 OOM retries, 3 decode steps" in out
