@@ -289,7 +289,8 @@ def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9,
         print(f"{label:<16}ours: {st['batches']} batches, {st['oom_retries']} OOM retries, {st['steps']} decode steps")
         print("".join(line + "\n" for line in reports), end="")
         if len(repeats) > 1:
-            print(f"{label:<16}ours, {len(repeats)} runs (the row above is the median), new tok/s: "
+            print(f"{label:<16}ours, {len(repeats)} runs (the row above is the median"
+                  f"{', the faster of the middle two' if len(repeats) % 2 == 0 else ''}), new tok/s: "
                   + ", ".join(f"{r['new'] / r['seconds']:.0f}" for r in repeats))
         if args.profile:
             profile_decode(model, states, K, device)
