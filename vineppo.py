@@ -16,6 +16,8 @@ The file reads top to bottom in the algorithm's order:
 Shapes in comments: B sequences, T padded length, d hidden size, V vocabulary, N response tokens (of the
 micro-batch or mini-batch a line works on), L one response's tokens, n steps of a response, K continuations.
 The heavy lifting (log-probs without logits, prefix-sharing sampling) lives in kernels.py.
+"spec N" in comments: section N of docs/vineppo_spec.md, the authors' defaults (from the paper and their code)
+that this file follows; `NOTE:` marks a departure (README, "Where we depart from the paper").
 """
 import argparse
 import contextlib
@@ -49,8 +51,8 @@ def arg(default, help):
 @dataclass
 class Args:
     # --- run
-    out: str = arg("runs/vineppo", "output folder: config.json, metrics.jsonl, ckpt/")
-    seed: int = arg(1, "seed of sampling, data order and initialisation of new heads")
+    out: str = arg("runs/vineppo", "output folder: config.json, metrics.jsonl, ckpt/ (value_analysis.json)")
+    seed: int = arg(1, "seed of sampling, data order and the LoRA init (the demo's SFT stage and the value analysis have their own)")
     iterations: Optional[int] = arg(None, "PPO iterations (default: GSM8K 650, MATH 1000 as in the paper; demo 30)")
     resume: bool = arg(False, "continue the run in --out from its last checkpoint")
     save_every: int = arg(10, "write a checkpoint every this many iterations (and at the end)")
@@ -63,7 +65,7 @@ class Args:
     # --- credit assignment
     advantage: str = arg("vine", "vine (MC values, the paper), critic (PPO value network), grpo or rloo")
     k: int = arg(9, "VinePPO: Monte Carlo continuations per state (K)")
-    max_states: Optional[int] = arg(None, "VinePPO: only the first this many states get MC values (default: 25 on GSM8K as spec 3, the authors' code 26; on MATH all)")
+    max_states: Optional[int] = arg(None, "VinePPO: only the first this many states get MC values (default: 25 on GSM8K as spec 3, the authors' code 26; on MATH and arith all)")
     # --- sampling (training episodes and MC rollouts)
     prompts_per_iteration: int = arg(64, "prompts per iteration")
     samples_per_prompt: int = arg(8, "responses sampled per prompt")
@@ -77,7 +79,7 @@ class Args:
     mini_batch: int = arg(64, "episodes per optimizer step")
     micro_batch: int = arg(8, "episodes per forward/backward (gradient accumulation up to --mini-batch)")
     lr: float = arg(1e-6, "AdamW learning rate (policy and critic)")
-    warmup: float = arg(0.03, "fraction of optimizer steps with linear warm-up; linear decay to 0 after")
+    warmup: float = arg(0.03, "fraction of optimizer steps with linear warm-up; linear decay to 0 after (a skipped mini-batch is no step)")
     clip_eps: float = arg(0.2, "PPO ratio clip epsilon")
     kl_coef: float = arg(1e-4, "coefficient of the k3 KL to the reference in the loss")
     entropy_coef: float = arg(0.0, "entropy bonus coefficient (paper: none)")
@@ -88,7 +90,7 @@ class Args:
     lora_rank: int = arg(0, "LoRA rank on every linear layer of the policy but the lm_head (0: full fine-tuning); the frozen base is then the KL reference")
     lora_alpha: Optional[float] = arg(None, "LoRA scale: the update B A is multiplied by alpha / rank (default: 2 x rank)")
     # --- evaluation
-    eval_every: int = arg(50, "evaluate every this many iterations (and before training and at the end)")
+    eval_every: int = arg(50, "evaluate every this many iterations (and before training, unless resumed, and at the end)")
     eval_problems: Optional[int] = arg(None, "test problems evaluated (default: all)")
     eval_samples: int = arg(16, "samples per test problem at --eval-temperature (paper: 16)")
     eval_temperature: float = arg(0.35, "evaluation sampling temperature (paper: 0.35)")
@@ -191,8 +193,9 @@ STOP_STRINGS = ["\n\n\nProblem:"]
 
 
 def format_prompt(problem: str, task: str) -> str:
-    # NOTE: the paper's prompt is PROMPT for both datasets; the arith demo uses "<problem>\n" because
-    # the tiny model reads characters, and 32 characters of fixed prompt would double its sequence length.
+    # NOTE: the paper's prompt is PROMPT for both datasets; the arith demo uses "<problem>\n" because the tiny
+    # model reads characters: PROMPT's letters are not in its vocabulary, and its 32 characters would make the
+    # sequences about 1.5x longer.
     return f"{problem}\n" if task == "arith" else PROMPT.format(problem=problem)
 
 
@@ -331,7 +334,7 @@ def answer_key(answer: str, task: str) -> str:
     "\\frac12", "1/2" and "0.5" do; arith: the string)."""
     if task == "gsm8k":
         d = _as_number(answer)
-        return ("0" if d.is_zero() else str(d.normalize())) if d is not None else answer.replace(",", "")   # -0 == 0
+        return ("0" if d.is_zero() else str(d.normalize())) if d is not None else answer.replace(",", "").replace(" ", "")   # -0 == 0
     if task == "math":
         from math_verify import parse
         parsed = parse(f"${answer}$")
@@ -342,7 +345,7 @@ def answer_key(answer: str, task: str) -> str:
 # ============================================================================ 3. Reasoning steps
 def split_steps(response: str, task: str) -> list:
     """Reasoning steps of a response (spec 3); "".join(steps) == response always.
-    State s_i = prompt + steps[:i]; VinePPO estimates V(s_i) for i = 0..n-1.
+    State s_i = prompt + steps[:i]; VinePPO estimates V(s_i) for i = 0..n-1 (the first --max-states of them).
     A stop string (and what its last token carried past it) is not a step: it joins the last step. (The authors'
     vLLM cuts it off; here its sampled tokens stay in the response, so they need a step, but no MC state.)"""
     cut = min([i for i in (response.find(s) for s in STOP_STRINGS) if i >= 0], default=len(response))
@@ -499,7 +502,7 @@ def demo_sft_model(args: Args) -> str:
 
 
 def sft(model, tokenizer, rows: list, task: str, steps: int, lr: float, batch_size: int, seed: int) -> None:
-    """Supervised fine-tuning on prompt -> solution (spec 7): loss on solution tokens only, token mean
+    """Supervised fine-tuning on prompt -> solution (spec 7): loss on the solution's tokens and its EOS, token mean
     per sequence then batch mean; AdamW, 3% warm-up, linear decay."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -626,7 +629,7 @@ def load_reference(path: str, device: torch.device):
 @contextlib.contextmanager
 def adapters_off(policy):
     """LoRA: inside this block the policy is its frozen base, i.e. the SFT model: the KL reference without a
-    second copy of the weights (for 7B, 14 GB saved). A disabled LoRA layer computes exactly base_layer(x)."""
+    second copy of the weights (for 7B, 28 GB saved: load_reference keeps it in fp32). A disabled LoRA layer computes exactly base_layer(x)."""
     from peft.tuners.lora import LoraLayer
     layers = [m for m in policy.modules() if isinstance(m, LoraLayer)]
     for m in layers:
@@ -800,7 +803,9 @@ def vine_values(model, tokenizer, episodes: list, args: Args, task: str):
 
 def vine_advantages(model, tokenizer, episodes: list, args: Args, task: str, **_):
     """VinePPO (section 4 of the paper): MC values of every step, then Eq. (6) per step, then every
-    token of step i gets A_i. Returns (token advantages per episode, stats)."""
+    token of step i gets A_i. The paper writes Eq. (6) per token (state s_t, action a_t); here, as in its
+    experiments, the action is a whole reasoning step, so the states are the step boundaries and the step's
+    tokens share its advantage. Returns (token advantages per episode, stats; adv/zero_frac: share of steps)."""
     V, rollouts = vine_values(model, tokenizer, episodes, args, task)
     token_adv, step_adv_all = [], []
     for e, V_e in zip(episodes, V):
@@ -819,7 +824,7 @@ def group_rewards(episodes: list) -> dict:
 
 
 def grpo_advantages(model, tokenizer, episodes: list, args: Args, task: str, **_):
-    """GRPO: one advantage per response, (R - mean of its group) / (std of its group + eps)."""
+    """GRPO: one advantage per response, (R - mean of its group) / (std of its group + eps), the unbiased std."""
     groups, out = group_rewards(episodes), []
     for e in episodes:
         g = torch.tensor(groups[e.group], dtype=torch.float)
@@ -895,9 +900,10 @@ def warmup_linear_schedule(optimizer, total_steps: int, warmup: float):
 
 def ppo_update(policy, reference, optimizer, scheduler, episodes: list, token_adv: list, args: Args, pad_id: int,
                critic=None, critic_optimizer=None, critic_scheduler=None, critic_targets=None) -> dict:
-    """PPO epochs over the iteration's episodes (spec 5). old and reference log-probs come from the
-    training forward before the first step; each optimizer step sees one mini-batch of episodes,
-    accumulated over micro-batches. Loss (the shared part of all methods):
+    """PPO epochs over the iteration's episodes (spec 5). old and reference log-probs come from the same fused
+    log-prob forward as the loss (eval mode, no grad) before the first step, never from the sampler; each
+    optimizer step sees one mini-batch of episodes, accumulated over micro-batches. Loss (the shared part of all
+    methods; KL_k3 clamped to [0, 10] per token):
       L = token-mean max(-A rho, -A clip(rho, 1-eps, 1+eps)) + beta * seq-mean sum_t KL_k3   (Eq. (1) + PPO clip)
           - entropy_coef * token-mean entropy (0 in the paper) [+ critic_loss with --advantage critic]
     reference None (LoRA): the reference is the policy with its adapters off."""
@@ -967,15 +973,16 @@ def ppo_update(policy, reference, optimizer, scheduler, episodes: list, token_ad
     steps = max(1, stats["update/steps"])
     out = {k: v / steps for k, v in stats.items() if k.startswith("loss/") or k == "update/grad_norm"}
     out.update({"update/steps": stats["update/steps"], "update/skipped": stats["update/skipped"],
-                "update/lr": scheduler.get_last_lr()[0]})
+                "update/lr": scheduler.get_last_lr()[0]})   # the rate of the next step
     return out
 
 
 # ============================================================================ 7. Evaluation
 @torch.no_grad()
 def evaluate(model, tokenizer, problems: list, args: Args, task: str) -> dict:
-    """Spec 8: N samples per test problem at T = 0.35, top_p 0.9: mean accuracy (pass@1 estimate),
-    pass@N, majority@N; and greedy accuracy."""
+    """Spec 8: --eval-samples per test problem at --eval-temperature (paper: 16 at T = 0.35) and --top-p: mean
+    accuracy (pass@1 estimate), pass@N, majority@N; and greedy accuracy. A sample cut at the length cap counts
+    as wrong in the mean and takes no part in pass@N and maj@N."""
     prompts = [encode_prompt(tokenizer, p["problem"], task) for p in problems]
     greedy, greedy_done = generate(model, tokenizer, prompts, 1, args.max_new_tokens, 0.0, 1.0, desc="eval greedy")
     sampled, done = generate(model, tokenizer, prompts, args.eval_samples, args.max_new_tokens, args.eval_temperature,
@@ -1248,8 +1255,9 @@ def train(args: Args) -> list:
         print(f"no checkpoint in {args.out}: starting from scratch", file=sys.stderr)
     if ckpt is not None:
         check_resume(args, source)
-    if ckpt is None:
-        shutil.rmtree(os.path.join(args.out, "ckpt"), ignore_errors=True)
+    if ckpt is None:   # a new run: no checkpoint of an older run in --out may be resumed later
+        for name in ("ckpt", "ckpt.old", "ckpt.tmp"):
+            shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
         open(os.path.join(args.out, "metrics.jsonl"), "w").close()
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(args) | {"resolved_model": source}, f, indent=2)

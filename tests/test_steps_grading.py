@@ -263,6 +263,8 @@ def test_vote_keys_of_numbers_that_grade_equal_or_overflow():
     assert vp.answer_key("-0", "gsm8k") == vp.answer_key("0.00", "gsm8k") == "0" and vp.grade("#### -0", "0", "gsm8k")
     assert vp.answer_key("1e9999999999", "gsm8k") == "1e9999999999" and not vp.grade("#### 1e9999999999", "1", "gsm8k")
     assert vp.answer_key("7.2e1", "gsm8k") == vp.answer_key("72", "gsm8k") == "72"
+    # an answer that is no number: grade() compares it without commas and spaces, and so does its vote
+    assert vp.grade("#### 1 000 apples", "1,000apples", "gsm8k") and vp.answer_key("1 000 apples", "gsm8k") == "1000apples"
 
 
 @pytest.mark.parametrize("task,gold,answers,expected", [

@@ -148,6 +148,27 @@ def test_a_checkpoint_killed_at_any_moment_leaves_a_complete_one(tmp_path, monke
     assert saved_iteration() == ("ckpt", 5)   # both complete: the newer one
 
 
+def test_a_new_run_leaves_no_older_checkpoint_to_resume(tmp_path, monkeypatch):
+    """A run started without --resume in a folder that holds an older run's ckpt.old (a kill between
+    save_checkpoint's renames) and ckpt.tmp removes them: a --resume before its first save starts afresh, never
+    from the older run, whose config.json the new run has already replaced."""
+    model = save_random_model(tmp_path / "llama", "llama")
+    data = write_jsonl(tmp_path / "rows.jsonl", GSM8K_ROWS)
+    out = tmp_path / "run"
+    for name in ("ckpt", "ckpt.old", "ckpt.tmp"):
+        os.makedirs(out / name)
+        open(out / name / "COMPLETE", "w").close()
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt   # the new run dies in its first evaluation, before any checkpoint
+
+    monkeypatch.setattr(vp, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        vp.train(vp.parse_args(["--model", model, "--task", "gsm8k", "--train-file", data, "--test-file", data,
+                                "--out", str(out), "--max-new-tokens", "12"]))
+    assert vp.find_checkpoint(str(out)) is None and sorted(os.listdir(out)) == ["config.json", "metrics.jsonl"]
+
+
 def test_resume_after_sigkill_is_bit_exact(demo_cache, tmp_path):
     common = ["--iterations", "4", "--save-every", "1", "--eval-every", "2", *SMALL]
     env = {"XDG_CACHE_HOME": str(demo_cache)}
