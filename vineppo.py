@@ -389,8 +389,8 @@ def _split_math(response: str, min_chars: int = 20, max_chars: int = 100) -> lis
         for p in range(m.start() + 1, m.end()):
             (inline if is_inline else display)[p] = True
     in_math = [a or b for a, b in zip(inline, display)]
-    before_spaces = lambda m: m.end() - len(re.search(r"[^\S\n]*\Z", m.group()).group())   # cut after match m, before its
-    # trailing spaces (any but newlines: also U+00A0, U+202F ...)
+    # a cut after match m goes before the spaces m ends with (any but newlines: also U+00A0, U+202F ...)
+    before_spaces = lambda m: m.end() - len(re.search(r"[^\S\n]*\Z", m.group()).group())  # noqa: E731
     cuts = [before_spaces(m) for m in re.finditer(r"\n+|[.!?]\s+", response) if not in_math[m.start()]]
     pieces = [response[a:b] for a, b in zip([0] + cuts, cuts + [len(response)]) if b > a]
     merged = []  # short pieces ("Thus, " / a lone formula line) join the piece after them
