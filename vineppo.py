@@ -306,6 +306,15 @@ def _as_number(s: str) -> Optional[Decimal]:
     return d if d.is_finite() and abs(d.adjusted()) < 1000 else None
 
 
+def _gsm8k_key(answer: str) -> str:
+    """A GSM8K answer's canonical form, for grading and voting alike: its number normalised ("72.0", "7.2e1" and
+    "72" give "72"; -0 gives "0"), or, for an answer that is no number, its text without commas and spaces."""
+    d = _as_number(answer)
+    if d is None:
+        return answer.replace(",", "").replace(" ", "")
+    return "0" if d.is_zero() else str(d.normalize())
+
+
 def grade(response: str, gold: str, task: str) -> bool:
     """Is the final answer of `response` equal to `gold` (the final answer alone)?
     arith: exact string. gsm8k: numeric equality after removing ",", "$", spaces and a trailing ".", so "72.0" == "72"
@@ -319,8 +328,7 @@ def grade(response: str, gold: str, task: str) -> bool:
     if task == "arith":
         return pred == gold.strip()
     if task == "gsm8k":
-        p, g = _as_number(pred), _as_number(gold)
-        return p == g if p is not None and g is not None else pred.replace(",", "").replace(" ", "") == gold.replace(",", "").replace(" ", "")
+        return _gsm8k_key(pred) == _gsm8k_key(gold)
     from math_verify import parse, verify
     gold_parsed = parse(f"${gold}$", fallback_mode="no_fallback")
     if not gold_parsed:
@@ -333,8 +341,7 @@ def answer_key(answer: str, task: str) -> str:
     (gsm8k: the number, so "72.0" and "72" vote together; math: math-verify's parsed expression, so
     "\\frac12", "1/2" and "0.5" do; arith: the string)."""
     if task == "gsm8k":
-        d = _as_number(answer)
-        return ("0" if d.is_zero() else str(d.normalize())) if d is not None else answer.replace(",", "").replace(" ", "")   # -0 == 0
+        return _gsm8k_key(answer)
     if task == "math":
         from math_verify import parse
         parsed = parse(f"${answer}$")
