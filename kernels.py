@@ -26,8 +26,8 @@ Layout of the section (Triton-tutorial style):
   FusedLogprobs             the torch.autograd.Function, fused_logprobs its public entry point
   reference_ppo_loss        (1b) the spec's clipped objective + k3 KL on full logits: the test oracle
   ppo_terms                 the same objective on [N] log-probs, differentiated by autograd
-  FusedPPOLoss, ppo_loss    ppo_terms with dX, dW computed slab by slab in the forward (the default), else
-                            ppo_terms on top of fused_logprobs; ppo_loss is the public entry point
+  FusedPPOLoss, ppo_loss    ppo_terms on top of fused_logprobs (the default), or with dX, dW computed slab by
+                            slab in the forward (PPO_GRADIENT_IN_FORWARD); ppo_loss is the public entry point
 
 Section 2, batched prefix sampling: sample_continuations(model, prefixes, k, ...) draws k continuations of
 every prefix, prefilling identical and nested prefixes once and reading each shared prefix once per
@@ -666,12 +666,17 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, backend="auto"):
 # in torch on [N] tensors (ppo_terms: ~10 elementwise launches, O(N) memory), which keeps the spec's
 # formula readable, backend-independent and differentiated by autograd. Two ways to get the [N, V] part:
 #   - through fused_logprobs: its backward recomputes the logits (8 N d V matmul flops in all);
-#   - gradient in the forward (FusedPPOLoss, the chunked and torch backends, the default): dL/dlogp_t
-#     depends only on token t's own logp, so one row slab's logits give its loss terms, dL/dlogp by
-#     autograd on the slab's [C] vectors, and dZ at once; dX and dW follow, and the backward only scales
+#   - gradient in the forward (FusedPPOLoss, the chunked and torch backends, PPO_GRADIENT_IN_FORWARD):
+#     dL/dlogp_t depends only on token t's own logp, so one row slab's logits give its loss terms, dL/dlogp
+#     by autograd on the slab's [C] vectors, and dZ at once; dX and dW follow, and the backward only scales
 #     them (6 N d V flops; 4 with a frozen lm_head, as under LoRA). Liger-Kernel does the same for its
 #     cross-entropy. Cost: dW accumulates over the row slabs in an fp32 [V, d] buffer.
-PPO_GRADIENT_IN_FORWARD = True
+# Off by default: on an H100 (2026-11-27, bf16, N=16384) it took 37.0 ms against the recomputing path's 17.8
+# at the 1.1B shape and 98.9 against 93.6 at 7B, with 1.7-2.6x its memory. Why was not profiled. Per row slab
+# (16 of them) it runs ppo_terms and autograd.grad from the host, and writes a fresh fp32 [V, d] product that
+# it adds to the buffer (the recomputing backward writes dW once); both costs grow with the slab count. On a
+# CPU it was 1.07-1.3x faster.
+PPO_GRADIENT_IN_FORWARD = False
 PPO_STATS = ("logp", "ratio", "clipped", "kl", "entropy")   # the [N] tensors ppo_loss returns beside the loss
 
 
@@ -783,7 +788,8 @@ def ppo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, *, tempera
     n_tokens / n_seqs count the whole mini-batch, so micro-batch losses sum to the mini-batch loss.
     ref_logp may be None (kl_coef must then be 0). Returns (loss, stats): stats holds DETACHED [N]
     tensors 'logp', 'ratio', 'clipped' (bool: the gradient is zero because of clipping), 'kl', 'entropy'.
-    backend as fused_logprobs'; "chunked" and "torch" compute the gradient in the forward when one is needed."""
+    backend as fused_logprobs'; with PPO_GRADIENT_IN_FORWARD, "chunked" and "torch" compute the gradient in
+    the forward when one is needed."""
     assert ref_logp is not None or kl_coef == 0, "kl_coef > 0 needs ref_logp"
     assert not any(t is not None and t.requires_grad for t in (old_logp, ref_logp, advantages)), \
         "old_logp, ref_logp and advantages are constants of the loss"
@@ -834,14 +840,18 @@ SAMPLER_BACKEND = "auto"
 SAMPLER_SYNC_EVERY = None  # decode steps between host syncs (stop strings, compaction); None: 8 on CUDA, else 1
 SAMPLER_TOP_P_KERNEL = True  # with the "triton" backend, draw with _top_p_sample_kernel (False: the torch sort)
 # Share of the free GPU memory one batch's KV may take; the rest is headroom for the prefill's transient cache,
-# the logits and sampling scratch, the CUDA graph's pool and fragmentation after a PPO update.
+# the logits and sampling scratch, the CUDA graph's pool and fragmentation after a PPO update. On an H100 at
+# the 7B config 0.95 ran 2 batches instead of 3 (13% more tokens/s) for a freshly loaded model; the default
+# stays 0.7 until a run shows the larger batches fit after a PPO update too (if not, a batch retries at half).
 SAMPLER_MEMORY_FRACTION = 0.7
-# torch.compile each decoder layer for the decode steps (off by default: not yet timed on a GPU). HF runs a
-# layer's norms, rotary embedding, SiLU gate and residual adds as ~30 small kernels per step; on an H100 they
-# were 43% of the 1.1B decode's device time and 31% of the 7B's (the "other" profile bucket). Inductor fuses
-# them. The cascade attention and the cache write stay eager (_CompiledStepCache), so the Triton kernels and
-# the CUDA graph are unchanged; the compile happens in a batch's eager first step.
-SAMPLER_COMPILE = False
+# torch.compile each decoder layer for the decode steps: True, False, or "auto" (the default: on CUDA devices).
+# HF runs a layer's norms, rotary embedding, SiLU gate and residual adds as ~30 small kernels per step; on an
+# H100 they were 43% of the 1.1B decode's device time and 31% of the 7B's (the "other" profile bucket).
+# Inductor fuses them: on an H100 (2026-11-27) the 1.1B config went from 94k to 121k new tokens/s and the 7B
+# from 8.6-8.7k to 9.9-10.0k, after a compile warm-up of 4-12 s. On a CPU it gave no steady gain (and 8-23 s
+# of warm-up), hence "auto". The cascade attention and the cache write stay eager (_CompiledStepCache), so
+# the Triton kernels and the CUDA graph are unchanged; the compile happens in a batch's eager first step.
+SAMPLER_COMPILE = "auto"
 _ATTN_NAME = "vineppo_cascade"
 _ACTIVE = []  # the _CascadeCache of the decode step in flight (read by the attention function)
 # Counters for tests and benchmarks (reset them freely): batches run, prefill tokens computed (real
@@ -1510,6 +1520,11 @@ def _decoder_layers(model):
     return list(lists[0])
 
 
+def _compiles_layers(dev):
+    """Whether SAMPLER_COMPILE has the decode steps on `dev` run compiled decoder layers."""
+    return SAMPLER_COMPILE is True or (SAMPLER_COMPILE == "auto" and dev.type == "cuda")
+
+
 @contextlib.contextmanager
 def _compiled_layers(model):
     """SAMPLER_COMPILE: each decoder layer's forward is its torch.compile'd version inside the block (the
@@ -1545,7 +1560,8 @@ def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend,
     B = len(rows)
     budget = torch.tensor([budgets[s] for _, s, _, _ in rows], device=dev)  # (B,) max new tokens per row
     T = int(budget.max())
-    compile_layers = SAMPLER_COMPILE
+    on_gpu = dev.type == "cuda"
+    compile_layers = _compiles_layers(dev)
     cache = (_CompiledStepCache if compile_layers else _CascadeCache)(pk, pv, grp, plen, T, backend)
     ids = first.unsqueeze(1)  # (B, 1): each state's last token ...
     pos = plen.unsqueeze(1).clone()  # (B, 1): ... at its own position (no left padding anywhere)
@@ -1555,7 +1571,6 @@ def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend,
     out = torch.zeros(B, T, dtype=torch.long, device=dev)  # (B, T) new tokens
     alive, fin = torch.ones(B, dtype=torch.bool, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
     length = budget.clone()  # rows still alive at their budget hit max_new_tokens: unfinished
-    on_gpu = dev.type == "cuda"
     sync_every = SAMPLER_SYNC_EVERY or (8 if on_gpu else 1)  # a host sync stalls a GPU: batch them
     stepper = _Stepper(model, cache, on_gpu and backend == "triton")
     draw_kernel = backend == "triton" and SAMPLER_TOP_P_KERNEL

@@ -18,8 +18,8 @@ Effective TFLOP/s counts 8 N d V per forward+backward (logits 2NdV, recomputed l
 2NdV each) for every method, so for naive, trl and liger, which do 6 N d V, it is an effective rate
 (3/4 of it is their matmul utilisation); the ceiling is torch.matmul on [N, d] x [d, V] in the same dtype, measured here.
 A second table times kernels.ppo_loss forward + backward at the largest token count, its gradient computed
-in the forward (the default: 6 N d V flops) against the same loss through fused_logprobs, whose backward
-recomputes the logits (8 N d V).
+in the forward (kernels.PPO_GRADIENT_IN_FORWARD: 6 N d V flops) against the same loss through fused_logprobs,
+whose backward recomputes the logits (8 N d V; the default, as the H100 measured it faster).
 Peak extra memory: CUDA: torch.cuda.max_memory_allocated() minus the allocation before the call.
 CPU: the profiler's tensor-allocation trace (torch.profiler, profile_memory=True): the highest total of
 bytes allocated during the call and still alive. Both include the gradients dX and dW themselves.
@@ -116,7 +116,8 @@ def check_against_float64(N, d, V, dtype, device):
 def ppo_table(shapes, N, dtype, device, backend, reps):
     """kernels.ppo_loss forward + backward, gradient in the forward vs through fused_logprobs' backward."""
     print(f"# ppo_loss forward + backward, backend {backend}, N={N}: 'in forward' = dX and dW computed in the forward "
-          "(the default), 'recompute' = through fused_logprobs (its backward recomputes the logits)")
+          "(kernels.PPO_GRADIENT_IN_FORWARD), 'recompute' = through fused_logprobs (its backward recomputes the logits; "
+          "the default)")
     print(f"{'shape':<26}{'N':>6} {'method':<11}{'fwd+bwd ms':>11}{'peak extra':>12}{'speed-up':>9}")
     for label, d, V in shapes:
         inputs = make_inputs(N, d, V, dtype, device)
@@ -124,7 +125,7 @@ def ppo_table(shapes, N, dtype, device, backend, reps):
         with torch.no_grad():
             old_logp, _ = kernels.fused_logprobs(hidden, weight, targets, TEMPERATURE, backend=backend)
         old_logp = old_logp + 0.1 * noise                           # ratios around 1, some of them clipped
-        results = {}
+        results, default = {}, kernels.PPO_GRADIENT_IN_FORWARD
         for name, in_forward in (("in forward", True), ("recompute", False)):
             def run(h, w, t, a, _, in_forward=in_forward):
                 kernels.PPO_GRADIENT_IN_FORWARD = in_forward
@@ -132,7 +133,7 @@ def ppo_table(shapes, N, dtype, device, backend, reps):
                                            kl_coef=1e-4, n_tokens=N, n_seqs=max(1, N // 256), backend=backend)
                 loss.backward()
             results[name] = time_and_memory(run, inputs, device, reps)
-        kernels.PPO_GRADIENT_IN_FORWARD = True
+        kernels.PPO_GRADIENT_IN_FORWARD = default
         base = results["recompute"][0]
         for name, (seconds, mem) in results.items():
             print(f"{label + f' d{d} V{V}':<26}{N:>6} {name:<11}{(f'{seconds * 1e3:,.1f}' if seconds else '-'):>11}"

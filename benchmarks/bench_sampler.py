@@ -18,6 +18,8 @@ generate's slice is smaller than ours' batches (288 rows against 2052 at 1.1B, 3
 and its states shorter at 7B (its first 4: prefixes of 256-448 tokens against ours' ~507 on average):
 its rows understate what generate reaches at ours' batch size, by an amount not measured. Roofline: bytes one of our decode steps must read
 (weights + the KV it attends over, the shared prefix once per nest) at the measured copy bandwidth.
+Rows named "ours" decode with eager decoder layers; --compile adds rows with them torch.compile'd, the
+sampler's default on a GPU (kernels.SAMPLER_COMPILE "auto"), and --memory-fraction rows at other shares.
 """
 import argparse
 import copy
@@ -166,12 +168,12 @@ def cpu_rows(args):
         print(f"{name:<26}{'ratio ours/generate':<22}{'':>7}{gen['cpu'] / ours['cpu']:>6.1f}x{speed:>10.1f}x"
               f"{gen['prefill'] / ours['prefill']:>7.1f}x less")
         if args.compile:   # ours with torch.compile'd decoder layers, after warm-up runs that hold the compile
-            ks.SAMPLER_COMPILE = True
+            default, ks.SAMPLER_COMPILE = ks.SAMPLER_COMPILE, True
             try:
                 warm = compile_warm_up(model, states, K)
                 r = run_ours(model, states, K, T)
             finally:
-                ks.SAMPLER_COMPILE = False
+                ks.SAMPLER_COMPILE = default
             print(f"{name:<26}{'ours, compiled':<22}{r['seconds']:>7.2f}{r['cpu']:>7.2f}{r['new'] / r['seconds']:>11.0f}"
                   f"{r['prefill']:>13}   (compile warm-up {warm:.1f} s; ours / compiled, cpu s: "
                   f"{ours['cpu'] / r['cpu']:.2f}x)")
@@ -199,7 +201,18 @@ GPU_CONFIGS = [
 
 
 def gpu_rows(args, device="cuda", configs=GPU_CONFIGS, shape=(256, 512, 8), K=9, dtype=torch.bfloat16):
-    """shape: (prompt tokens, response tokens, steps per response); continuations of args.new_tokens."""
+    """shape: (prompt tokens, response tokens, steps per response); continuations of args.new_tokens.
+    The rows named "ours" run the decoder layers eager, as every earlier GPU call did; the sampler's default
+    on a GPU compiles them (kernels.SAMPLER_COMPILE "auto"), which the "compiled" rows (--compile) time."""
+    default = ks.SAMPLER_COMPILE
+    ks.SAMPLER_COMPILE = False
+    try:
+        _gpu_rows(args, device, configs, shape, K, dtype)
+    finally:
+        ks.SAMPLER_COMPILE = default
+
+
+def _gpu_rows(args, device, configs, shape, K, dtype):
     bw = bandwidth_gbs(device)
     name = torch.cuda.get_device_name() if device == "cuda" else device
     print(f"GPU {name}: measured copy bandwidth {bw:.0f} GB/s; {dtype}; T=0.6 top_p=0.9; EOS suppressed; "

@@ -11,16 +11,14 @@
 #   sampler   python benchmarks/bench_sampler.py --gpu  (issue #5's table and goals)
 #
 # Output goes to the terminal and to $OUT (the device tool's folder) or runs/gpu_checks. Time limits per
-# step: logprobs 160 s, sampler 480 s, tests 300 s. On an H200 all three fitted one 10-minute device call
-# (356 s, the 7B sampler rows failing early; the full test step took 144 s). On an H100 the sampler step
-# alone took about 345 s with --sort-row --profile (both configs, the generate baselines included), and the
-# fused log-prob kernels' test cases compile slowly (2 of 14 ran in 85 s), so run `sampler` in one call and
-# `logprobs tests` in another. Overrides: TESTS_K (pytest -k, default cuda),
+# step: logprobs 160 s, sampler 480 s, tests 300 s. On an H100 (2026-11-27) the sampler step took about 220 s
+# and the sampler's test cases 51 s (one call); logprobs and the other test cases 307 s (a second call): the fused
+# log-prob kernels' cases compile slowly (205 s of tests). So run `sampler` in one call and `logprobs tests` in
+# another. Overrides: TESTS_K (pytest -k, default cuda),
 # SAMPLER_ARGS (when unset, "--configs DeepSeekMath-7B RhoMath-1.1B --no-generate --memory-fraction 0.95
-# --compile": the 7B config first, as its goal is the one not met, so that a call cut short still times it;
-# ours again with batches sized to 95% of the free memory instead of 70%, which at the 7B config means 2
-# batches instead of 3 if >= ~70.5 GB are free; and ours with torch.compile'd decoder layers, at both shares;
-# none of it measured yet. The generate baselines, measured in the H100's first call, are left out so that
+# --compile": the 7B config first, so that a call cut short still times it; ours with eager decoder layers
+# at the default share of the free memory (0.7) and at 0.95, and with torch.compile'd layers (the default on a
+# GPU) at both. The generate baselines, measured in the H100's first call of 2026-11-26, are left out so that
 # the step fits its limit. A set SAMPLER_ARGS replaces all of that: SAMPLER_ARGS="" gives the plain table
 # with the generate baselines; "--sort-row --profile" adds ours with the sort draw and a per-category
 # profile of 16 decode steps), TESTS_LIMIT / LOGPROBS_LIMIT / SAMPLER_LIMIT (seconds).

@@ -148,6 +148,22 @@ def test_compiled_decode_layers_equal_hf_generate(device, monkeypatch):
     assert toks == [[_hf_greedy(model, p, b)] * 3 for p, b in zip(PREFIXES, [4, 11, 5, 7, 6])]
 
 
+def test_layers_compile_by_default_on_a_gpu_only(monkeypatch):
+    """SAMPLER_COMPILE "auto" (the default) compiles the decode steps' layers on CUDA devices and nowhere else
+    (a CPU saw no steady gain); True and False hold everywhere. On the CPU, the default samples uncompiled."""
+    from torch._dynamo.utils import counters
+    assert ks.SAMPLER_COMPILE == "auto"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [ks._compiles_layers(cpu), ks._compiles_layers(cuda)] == [False, True]
+    for setting in (True, False):
+        monkeypatch.setattr(ks, "SAMPLER_COMPILE", setting)
+        assert ks._compiles_layers(cpu) is ks._compiles_layers(cuda) is setting
+    monkeypatch.setattr(ks, "SAMPLER_COMPILE", "auto")
+    model, frames = _llama(4), counters["frames"]["ok"]
+    toks, _ = ks.sample_continuations(model, PREFIXES[:2], k=1, max_new_tokens=3, temperature=0)
+    assert counters["frames"]["ok"] == frames and toks == [[_hf_greedy(model, p, 3)] for p in PREFIXES[:2]]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_partial_attention_kernel_matches_torch(device):
     import triton  # noqa: F401
@@ -659,7 +675,7 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
         assert f"{name}: 1 batches, 0 OOM retries, 3 decode steps" in out
     assert "ours, compiled: the compile's warm-up runs took" in out
     assert out.count("... tiny ours: ") == 2 and "... tiny ours, compiled, memory 0.9: " in out   # as each is timed
-    assert (ks.SAMPLER_TOP_P_KERNEL and ks.SAMPLER_MEMORY_FRACTION == 0.7 and not ks.SAMPLER_COMPILE), \
+    assert (ks.SAMPLER_TOP_P_KERNEL and ks.SAMPLER_MEMORY_FRACTION == 0.7 and ks.SAMPLER_COMPILE == "auto"), \
         "the extra rows restore the defaults"
     prof = out[out.index("profile: 50 rows, 16 decode steps"):].splitlines()
     spent = {line[18:58].strip(): float(line[58:].split()[0]) for line in prof[1:5]}

@@ -292,8 +292,9 @@ def test_real_model_path_with_a_bpe_tokenizer(tmp_path, task, monkeypatch):
 
 def test_sampler_flags_reach_the_sampler(tmp_path, monkeypatch):
     """--sampler-memory-fraction and --sampler-compile set kernels' settings for every sampler call of the run
-    (episodes, MC rollouts, evaluation). The compile itself is left off here: its CPU warm-up takes 8-23 s, and
-    tests/test_sampler.py checks the compiled decode's tokens."""
+    (episodes, MC rollouts, evaluation); without the flag the compile is kernels' "auto" (on a GPU only). The
+    compile itself is left off here: its CPU warm-up takes 8-23 s, and tests/test_sampler.py checks the compiled
+    decode's tokens."""
     import kernels as ks
     monkeypatch.setattr(ks, "SAMPLER_MEMORY_FRACTION", ks.SAMPLER_MEMORY_FRACTION)   # restored after the test
     monkeypatch.setattr(ks, "SAMPLER_COMPILE", ks.SAMPLER_COMPILE)
@@ -309,8 +310,10 @@ def test_sampler_flags_reach_the_sampler(tmp_path, monkeypatch):
     monkeypatch.setattr(ks, "sample_continuations", recording)
     model = save_random_model(tmp_path / "llama", "llama")
     vp.train(one_math_iteration(tmp_path, model, "run", "--max-new-tokens", "6", "--micro-batch", "4",
-                                "--sampler-memory-fraction", "0.5", "--sampler-compile"))
+                                "--sampler-memory-fraction", "0.5", "--sampler-compile", "on"))
     assert len(seen) == 6 and set(seen) == {(0.5, True)}   # 2 evaluations x 2 calls, episodes, MC rollouts
+    default = vp.parse_args([])
+    assert (default.sampler_memory_fraction, vp.SAMPLER_COMPILE[default.sampler_compile]) == (0.7, "auto")
 
 
 def test_every_method_sees_the_same_evaluation_and_episodes(tmp_path, monkeypatch):
@@ -384,6 +387,7 @@ def test_policy_and_critic_have_no_dropout(tmp_path, arch):
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--sampler-memory-fraction", "0"], "--sampler-memory-fraction must be in (0, 1]"),
     (["--sampler-memory-fraction", "1.5"], "--sampler-memory-fraction must be in (0, 1]"),
+    (["--sampler-compile", "yes"], "unknown --sampler-compile 'yes' (choose auto, on or off)"),
     (["--temperature", "0"], "--temperature > 0"),
     (["--lora-alpha", "16"], "only with --lora-rank >= 1"),
     (["--train-file", "no/such/file.jsonl"], "does not exist"),
