@@ -841,13 +841,13 @@ SAMPLER_SYNC_EVERY = None  # decode steps between host syncs (stop strings, comp
 SAMPLER_TOP_P_KERNEL = True  # with the "triton" backend, draw with _top_p_sample_kernel (False: the torch sort)
 # Share of the free GPU memory one batch's KV may take; the rest is headroom for the prefill's transient cache,
 # the logits and sampling scratch, the CUDA graph's pool and fragmentation after a PPO update. On an H100 at
-# the 7B config 0.95 ran 2 batches instead of 3 (13% more tokens/s) for a freshly loaded model; the default
+# the 7B config 0.95 ran 2 batches instead of 3 (12-14% more tokens/s) for a freshly loaded model; the default
 # stays 0.7 until a run shows the larger batches fit after a PPO update too (if not, a batch retries at half).
 SAMPLER_MEMORY_FRACTION = 0.7
 # torch.compile each decoder layer for the decode steps: True, False, or "auto" (the default: on CUDA devices).
-# HF runs a layer's norms, rotary embedding, SiLU gate and residual adds as ~30 small kernels per step; on an
-# H100 they were 43% of the 1.1B decode's device time and 31% of the 7B's (the "other" profile bucket).
-# Inductor fuses them: on an H100 (2026-11-27) the 1.1B config went from 94k to 121k new tokens/s and the 7B
+# HF runs a layer's norms, rotary embedding, SiLU gate and residual adds as many small kernels per step; on an
+# H100 they fall in the "other" profile bucket (with the merges and copies): 43% of the 1.1B decode's device
+# time and 31% of the 7B's. Inductor fuses them: on an H100 (2026-11-27) the 1.1B config went from 94k to 121k new tokens/s and the 7B
 # from 8.6-8.7k to 9.9-10.0k, after a compile warm-up of 4-12 s. On a CPU it gave no steady gain (and 8-23 s
 # of warm-up), hence "auto". The cascade attention and the cache write stay eager (_CompiledStepCache), so
 # the Triton kernels and the CUDA graph are unchanged; the compile happens in a batch's eager first step.

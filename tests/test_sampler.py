@@ -71,11 +71,17 @@ def test_nest_leaders():
     assert len(set(lead.values())) == 4
 
 
-@pytest.mark.parametrize("device", DEVICES)
+# On a GPU the decode's layers run compiled by default (SAMPLER_COMPILE "auto") and eager when asked: both there.
+DEVICE_LAYERS = [(d, c) for d in DEVICES for c in (["auto", False] if d == "cuda" else ["auto"])]
+
+
+@pytest.mark.parametrize("device,layers", DEVICE_LAYERS,
+                         ids=[f"{d}-{'eager' if c is False else c}" for d, c in DEVICE_LAYERS])
 @pytest.mark.parametrize("make", [_llama, _qwen2, _gpt2], ids=["llama", "qwen2", "gpt2"])
-def test_greedy_equals_hf_generate(make, device, capsys):
+def test_greedy_equals_hf_generate(make, device, layers, capsys, monkeypatch):
     """On a GPU this runs the Triton cascade attention (ieee fp32 dots) and the CUDA-graph decode step (which
-    would fall back to eager steps, saying so, if its capture failed)."""
+    would fall back to eager steps, saying so, if its capture failed), with compiled and with eager layers."""
+    monkeypatch.setattr(ks, "SAMPLER_COMPILE", layers)
     model = make().to(device)
     toks, fin = ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=12, temperature=0)
     assert "CUDA graph capture failed" not in capsys.readouterr().out
