@@ -847,9 +847,9 @@ SAMPLER_MEMORY_FRACTION = 0.7
 # torch.compile each decoder layer for the decode steps: True, False, or "auto" (the default: on CUDA devices).
 # HF runs a layer's norms, rotary embedding, SiLU gate and residual adds as many small kernels per step; on an
 # H100 they fall in the "other" profile bucket (with the merges and copies): 43% of the 1.1B decode's device
-# time and 31% of the 7B's. Inductor fuses them: on an H100 (2026-11-27) the 1.1B config went from 94k to 121k new tokens/s and the 7B
-# from 8.6-8.7k to 9.9-10.0k, after a compile warm-up of 4-12 s. On a CPU it gave no steady gain (and 8-23 s
-# of warm-up), hence "auto". The cascade attention and the cache write stay eager (_CompiledStepCache), so
+# time and 31% of the 7B's. Inductor fuses them: on an H100 (2026-11-27) the 1.1B config went from 94k to 121k
+# new tokens/s and the 7B from 8.6-8.7k to 9.9-10.0k, after a compile warm-up of 4-12 s. On a CPU it gave no
+# steady gain (and 8-23 s of warm-up), hence "auto". The cascade attention and the cache write stay eager (_CompiledStepCache), so
 # the Triton kernels and the CUDA graph are unchanged; the compile happens in a batch's eager first step.
 SAMPLER_COMPILE = "auto"
 _ATTN_NAME = "vineppo_cascade"
@@ -1560,7 +1560,6 @@ def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend,
     B = len(rows)
     budget = torch.tensor([budgets[s] for _, s, _, _ in rows], device=dev)  # (B,) max new tokens per row
     T = int(budget.max())
-    on_gpu = dev.type == "cuda"
     compile_layers = _compiles_layers(dev)
     cache = (_CompiledStepCache if compile_layers else _CascadeCache)(pk, pv, grp, plen, T, backend)
     ids = first.unsqueeze(1)  # (B, 1): each state's last token ...
@@ -1571,6 +1570,7 @@ def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend,
     out = torch.zeros(B, T, dtype=torch.long, device=dev)  # (B, T) new tokens
     alive, fin = torch.ones(B, dtype=torch.bool, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
     length = budget.clone()  # rows still alive at their budget hit max_new_tokens: unfinished
+    on_gpu = dev.type == "cuda"
     sync_every = SAMPLER_SYNC_EVERY or (8 if on_gpu else 1)  # a host sync stalls a GPU: batch them
     stepper = _Stepper(model, cache, on_gpu and backend == "triton")
     draw_kernel = backend == "triton" and SAMPLER_TOP_P_KERNEL
