@@ -849,7 +849,8 @@ SAMPLER_MEMORY_FRACTION = 0.7
 # H100 they fall in the "other" profile bucket (with the merges and copies): 43% of the 1.1B decode's device
 # time and 31% of the 7B's. Inductor fuses them: on an H100 (2026-11-27) the 1.1B config went from 94k to 121k
 # new tokens/s and the 7B from 8.6-8.7k to 9.9-10.0k, after a compile warm-up of 4-12 s. On a CPU it gave no
-# steady gain (and 8-23 s of warm-up), hence "auto". The cascade attention and the cache write stay eager (_CompiledStepCache), so
+# steady gain (and 8-23 s of warm-up), hence "auto". A compile that fails warns once, and the process decodes
+# with eager layers from then on (_COMPILE_FAILED): only the H100 has run it. The cascade attention and the cache write stay eager (_CompiledStepCache), so
 # the Triton kernels and the CUDA graph are unchanged; the compile happens in a batch's eager first step.
 SAMPLER_COMPILE = "auto"
 _ATTN_NAME = "vineppo_cascade"
@@ -1509,6 +1510,7 @@ class _Stepper:
 
 
 _COMPILED_LAYERS = weakref.WeakKeyDictionary()  # decoder layer -> its compiled forward (SAMPLER_COMPILE)
+_COMPILE_FAILED = []  # why the layers' compile failed in this process, if it did: the decode stays eager from then on
 
 
 def _decoder_layers(model):
@@ -1521,8 +1523,9 @@ def _decoder_layers(model):
 
 
 def _compiles_layers(dev):
-    """Whether SAMPLER_COMPILE has the decode steps on `dev` run compiled decoder layers."""
-    return SAMPLER_COMPILE is True or (SAMPLER_COMPILE == "auto" and dev.type == "cuda")
+    """Whether SAMPLER_COMPILE has the decode steps on `dev` run compiled decoder layers (never after a failed
+    compile: _COMPILE_FAILED)."""
+    return (SAMPLER_COMPILE is True or (SAMPLER_COMPILE == "auto" and dev.type == "cuda")) and not _COMPILE_FAILED
 
 
 @contextlib.contextmanager
@@ -1761,17 +1764,27 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
             from tqdm.auto import tqdm
             bar = tqdm(total=n * k, initial=sum(r is not None for r in results), desc=desc)
 
-        def run(batch):  # retry at half the batch on out-of-memory
+        def run(batch):  # retry at half the batch on out-of-memory; with eager layers if their compile fails
+            compile_failed = None
             try:
                 _run_batch(model, batch, row_budgets, temperature, top_p, eos, stopper, backend,
                            results, prefill_tokens)
             except torch.cuda.OutOfMemoryError:
                 if sum(len(r) for _, r in batch) <= 1:
                     raise
+            except torch._dynamo.exc.TorchDynamoException as e:  # tracing or the backend (Inductor, Triton) failed
+                if not _compiles_layers(dev):
+                    raise
+                compile_failed = f"{type(e).__name__}: {e}"[:300]
             else:
                 if bar is not None:
                     bar.update(sum(len(r) for _, r in batch))
                 return
+            if compile_failed:  # the whole batch again, eager; so is every later decode of this process
+                _COMPILE_FAILED.append(compile_failed)
+                warnings.warn("kernels.sample_continuations: torch.compile of the decoder layers failed, decoding "
+                              f"with eager layers from now on (SAMPLER_COMPILE): {compile_failed}")
+                return run(batch)
             # Retried after the except block: inside it, the exception's traceback keeps the failed call's
             # frames, hence its KV cache and activations, alive, and empty_cache() could free none of them.
             torch.cuda.empty_cache()

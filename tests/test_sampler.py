@@ -154,6 +154,35 @@ def test_compiled_decode_layers_equal_hf_generate(device, monkeypatch):
     assert toks == [[_hf_greedy(model, p, b)] * 3 for p, b in zip(PREFIXES, [4, 11, 5, 7, 6])]
 
 
+def test_a_failed_layer_compile_falls_back_to_eager_layers(monkeypatch):
+    """A compile that fails (Inductor or Triton on a GPU it was never run on, say) does not end the run: the batch
+    runs again with eager layers, with one warning, and later calls decode eager without compiling again."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    calls = []
+
+    def failing_compile(fn, *args, **kwargs):
+        def compiled(*a, **kw):
+            calls.append(fn)
+            raise BackendCompilerFailed(failing_compile, RuntimeError("no C compiler here"), None)
+        return compiled
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    monkeypatch.setattr(ks, "SAMPLER_COMPILE", True)
+    monkeypatch.setattr(ks, "_COMPILE_FAILED", [])
+    model = _llama(4)
+    with pytest.warns(UserWarning, match="decoding with eager layers from now on"):
+        toks, _ = ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=6, temperature=0)
+    assert toks == [[_hf_greedy(model, p, 6)] * 2 for p in PREFIXES]
+    assert len(calls) == 1 and "no C compiler here" in ks._COMPILE_FAILED[0]
+    assert all("forward" not in vars(layer) for layer in ks._decoder_layers(model))   # their own forward back
+    toks, _ = ks.sample_continuations(model, PREFIXES[:2], k=1, max_new_tokens=3, temperature=0)
+    assert len(calls) == 1 and toks == [[_hf_greedy(model, p, 3)] for p in PREFIXES[:2]]
+    monkeypatch.setattr(ks, "SAMPLER_COMPILE", False)   # errors of an uncompiled decode are not swallowed
+    failure = BackendCompilerFailed(None, KeyError("x"), None)
+    monkeypatch.setattr(ks, "_run_batch", lambda *a: (_ for _ in ()).throw(failure))
+    with pytest.raises(BackendCompilerFailed):
+        ks.sample_continuations(model, PREFIXES[:1], k=1, max_new_tokens=2, temperature=0)
+
+
 def test_layers_compile_by_default_on_a_gpu_only(monkeypatch):
     """SAMPLER_COMPILE "auto" (the default) compiles the decode steps' layers on CUDA devices and nowhere else
     (a CPU saw no steady gain); True and False hold everywhere. On the CPU, the default samples uncompiled."""
