@@ -844,7 +844,8 @@ SAMPLER_TOP_P_KERNEL = True  # with the "triton" backend, draw with _top_p_sampl
 # the 7B config 0.95 ran 2 batches instead of 3 (12-14% more tokens/s) for a freshly loaded model; the default
 # stays 0.7 until a run shows the larger batches fit after a PPO update too (if not, a batch retries at half).
 SAMPLER_MEMORY_FRACTION = 0.7
-# torch.compile each decoder layer for the decode steps: True, False, or "auto" (the default: on CUDA devices).
+# torch.compile each decoder layer for the decode steps: True, False, or "auto" (the default: bf16 / fp16
+# weights on a CUDA device, _compiles_layers).
 # HF runs a layer's norms, rotary embedding, SiLU gate and residual adds as many small kernels per step; on an
 # H100 they fall in the "other" profile bucket (with the merges and copies): 43% of the 1.1B decode's device
 # time and 31% of the 7B's. Inductor fuses them: on an H100 (2026-11-27) the 1.1B config went from 94k to 121k
@@ -1522,10 +1523,15 @@ def _decoder_layers(model):
     return list(lists[0])
 
 
-def _compiles_layers(dev):
-    """Whether SAMPLER_COMPILE has the decode steps on `dev` run compiled decoder layers (never after a failed
-    compile: _COMPILE_FAILED)."""
-    return (SAMPLER_COMPILE is True or (SAMPLER_COMPILE == "auto" and dev.type == "cuda")) and not _COMPILE_FAILED
+def _compiles_layers(model):
+    """Whether SAMPLER_COMPILE has the decode steps of `model` run compiled decoder layers (never after a failed
+    compile: _COMPILE_FAILED). "auto" compiles what the H100 timed: half-precision weights on a GPU. Not fp32
+    weights under autocast (full fine-tuning's master weights): compiled code casts every weight to bf16 in every
+    step (eager autocast caches the casts), which no GPU has timed."""
+    params = list(model.parameters())
+    half = sum(p.numel() for p in params if p.dtype in (torch.bfloat16, torch.float16))   # LoRA: a bf16 base
+    auto = params[0].device.type == "cuda" and 2 * half > sum(p.numel() for p in params)
+    return (SAMPLER_COMPILE is True or (SAMPLER_COMPILE == "auto" and auto)) and not _COMPILE_FAILED
 
 
 @contextlib.contextmanager
@@ -1563,7 +1569,7 @@ def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend,
     B = len(rows)
     budget = torch.tensor([budgets[s] for _, s, _, _ in rows], device=dev)  # (B,) max new tokens per row
     T = int(budget.max())
-    compile_layers = _compiles_layers(dev)
+    compile_layers = _compiles_layers(model)
     cache = (_CompiledStepCache if compile_layers else _CascadeCache)(pk, pv, grp, plen, T, backend)
     ids = first.unsqueeze(1)  # (B, 1): each state's last token ...
     pos = plen.unsqueeze(1).clone()  # (B, 1): ... at its own position (no left padding anywhere)
@@ -1773,7 +1779,7 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
                 if sum(len(r) for _, r in batch) <= 1:
                     raise
             except torch._dynamo.exc.TorchDynamoException as e:  # tracing or the backend (Inductor, Triton) failed
-                if not _compiles_layers(dev):
+                if not _compiles_layers(model):
                     raise
                 compile_failed = f"{type(e).__name__}: {e}"[:300]
             else:

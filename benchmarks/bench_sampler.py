@@ -19,7 +19,7 @@ and its states shorter at 7B (its first 4: prefixes of 256-448 tokens against ou
 its rows understate what generate reaches at ours' batch size, by an amount not measured. Roofline: bytes one of our decode steps must read
 (weights + the KV it attends over, the shared prefix once per nest) at the measured copy bandwidth.
 Rows named "ours" decode with eager decoder layers; --compile adds rows with them torch.compile'd, the
-sampler's default on a GPU (kernels.SAMPLER_COMPILE "auto"), and --memory-fraction rows at other shares.
+sampler's default on a GPU for bf16 weights (kernels.SAMPLER_COMPILE "auto"), and --memory-fraction rows at other shares.
 """
 import argparse
 import copy

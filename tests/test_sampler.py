@@ -6,6 +6,7 @@ softmax(logits / T) after top-p truncation (chi-square); EOS / stop strings / ma
 rows exactly where they should.
 """
 import math
+import types
 
 import pytest
 import torch
@@ -71,12 +72,13 @@ def test_nest_leaders():
     assert len(set(lead.values())) == 4
 
 
-# On a GPU the decode's layers run compiled by default (SAMPLER_COMPILE "auto") and eager when asked: both there.
-DEVICE_LAYERS = [(d, c) for d in DEVICES for c in (["auto", False] if d == "cuda" else ["auto"])]
+# On a GPU the decode's layers run compiled (by default for half-precision weights) or eager: both there. The CPU
+# runs the default, eager there.
+DEVICE_LAYERS = [(d, c) for d in DEVICES for c in ([True, False] if d == "cuda" else ["auto"])]
 
 
 @pytest.mark.parametrize("device,layers", DEVICE_LAYERS,
-                         ids=[f"{d}-{'eager' if c is False else c}" for d, c in DEVICE_LAYERS])
+                         ids=[f"{d}-{ {True: 'compiled', False: 'eager'}.get(c, c)}" for d, c in DEVICE_LAYERS])
 @pytest.mark.parametrize("make", [_llama, _qwen2, _gpt2], ids=["llama", "qwen2", "gpt2"])
 def test_greedy_equals_hf_generate(make, device, layers, capsys, monkeypatch):
     """On a GPU this runs the Triton cascade attention (ieee fp32 dots) and the CUDA-graph decode step (which
@@ -184,15 +186,27 @@ def test_a_failed_layer_compile_falls_back_to_eager_layers(monkeypatch):
 
 
 def test_layers_compile_by_default_on_a_gpu_only(monkeypatch):
-    """SAMPLER_COMPILE "auto" (the default) compiles the decode steps' layers on CUDA devices and nowhere else
-    (a CPU saw no steady gain); True and False hold everywhere. On the CPU, the default samples uncompiled."""
+    """SAMPLER_COMPILE "auto" (the default) compiles the decode steps' layers where an H100 timed them: a model on a
+    CUDA device whose weights are mostly half precision (a bf16 model; a LoRA model's bf16 base), not fp32 master
+    weights under autocast, nor on a CPU (no steady gain there); True and False hold everywhere, until a compile
+    fails. On the CPU, the default samples uncompiled. (Models as stand-ins: their parameters' device, dtype, size.)"""
     from torch._dynamo.utils import counters
-    assert ks.SAMPLER_COMPILE == "auto"
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [ks._compiles_layers(cpu), ks._compiles_layers(cuda)] == [False, True]
+
+    def model(device, *dtype_sizes):
+        params = [types.SimpleNamespace(device=torch.device(device), dtype=dt, numel=lambda n=n: n)
+                  for dt, n in dtype_sizes]
+        return types.SimpleNamespace(parameters=lambda: iter(params))
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    auto_on = [model("cuda", (bf16, 100)), model("cuda", (fp16, 100)), model("cuda", (bf16, 900), (fp32, 100))]
+    auto_off = [model("cuda", (fp32, 100)), model("cuda", (bf16, 40), (fp32, 60)), model("cpu", (bf16, 100))]
+    assert ks.SAMPLER_COMPILE == "auto" and not ks._COMPILE_FAILED
+    assert [ks._compiles_layers(m) for m in auto_on + auto_off] == [True] * 3 + [False] * 3
     for setting in (True, False):
         monkeypatch.setattr(ks, "SAMPLER_COMPILE", setting)
-        assert ks._compiles_layers(cpu) is ks._compiles_layers(cuda) is setting
+        assert all(ks._compiles_layers(m) is setting for m in auto_on + auto_off)
+    monkeypatch.setattr(ks, "_COMPILE_FAILED", ["BackendCompilerFailed: ..."])
+    assert not any(ks._compiles_layers(m) for m in auto_on + auto_off)
+    monkeypatch.setattr(ks, "_COMPILE_FAILED", [])
     monkeypatch.setattr(ks, "SAMPLER_COMPILE", "auto")
     model, frames = _llama(4), counters["frames"]["ok"]
     toks, _ = ks.sample_continuations(model, PREFIXES[:2], k=1, max_new_tokens=3, temperature=0)
@@ -683,8 +697,6 @@ def test_per_prefix_budgets_greedy_and_lengths(device):
 def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     """benchmarks/bench_sampler.py's GPU table, run on the CPU with a tiny config: the code a GPU session
     will run (workload, both generate baselines, roofline, prefill counts) finishes and prints every row."""
-    import types
-
     from benchmarks import bench_sampler
     tiny = ("tiny", dict(layers=1, d=64, heads=4, kv_heads=2, vocab=64, inter=128, max_pos=128), 1, 2, 2)
     args = types.SimpleNamespace(new_tokens=3, compile_baseline=False, no_generate=False, greedy_row=True,

@@ -292,7 +292,7 @@ def test_real_model_path_with_a_bpe_tokenizer(tmp_path, task, monkeypatch):
 
 def test_sampler_flags_reach_the_sampler(tmp_path, monkeypatch):
     """--sampler-memory-fraction and --sampler-compile set kernels' settings for every sampler call of the run
-    (episodes, MC rollouts, evaluation); without the flag the compile is kernels' "auto" (on a GPU only). The
+    (episodes, MC rollouts, evaluation); without the flag the compile is kernels' "auto" (GPU, bf16 weights). The
     compile itself is left off here: its CPU warm-up takes 8-23 s, and tests/test_sampler.py checks the compiled
     decode's tokens."""
     import kernels as ks
