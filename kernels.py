@@ -40,7 +40,6 @@ import inspect
 import os
 import types
 import warnings
-import weakref
 
 import torch
 
@@ -844,15 +843,16 @@ SAMPLER_TOP_P_KERNEL = True  # with the "triton" backend, draw with _top_p_sampl
 # the 7B config 0.95 ran 2 batches instead of 3 (12-14% more tokens/s) for a freshly loaded model; the default
 # stays 0.7 until a run shows the larger batches fit after a PPO update too (if not, a batch retries at half).
 SAMPLER_MEMORY_FRACTION = 0.7
-# torch.compile each decoder layer for the decode steps: True, False, or "auto" (the default: bf16 / fp16
-# weights on a CUDA device, _compiles_layers).
+# torch.compile each decoder layer for the decode steps: True, False, or "auto" (the default: what an H100
+# timed, bf16 weights on a GPU of compute capability 8.0 or newer; _compiles_layers).
 # HF runs a layer's norms, rotary embedding, SiLU gate and residual adds as many small kernels per step; on an
 # H100 they fall in the "other" profile bucket (with the merges and copies): 43% of the 1.1B decode's device
 # time and 31% of the 7B's. Inductor fuses them: on an H100 (2026-11-27) the 1.1B config went from 94k to 121k
 # new tokens/s and the 7B from 8.6-8.7k to 9.9-10.0k, after a compile warm-up of 4-12 s. On a CPU it gave no
-# steady gain (and 8-23 s of warm-up), hence "auto". A compile that fails warns once, and the process decodes
-# with eager layers from then on (_COMPILE_FAILED): only the H100 has run it. The cascade attention and the cache write stay eager (_CompiledStepCache), so
-# the Triton kernels and the CUDA graph are unchanged; the compile happens in a batch's eager first step.
+# steady gain (and 8-23 s of warm-up), hence "auto". The cascade attention and the cache write stay eager
+# (_CompiledStepCache), so the Triton kernels and the CUDA graph are unchanged; the compile happens in a
+# batch's eager first step. A compile that fails (so far seen only with a stand-in that fails on purpose, on
+# the CPU) warns once, and the process decodes with eager layers from then on (_COMPILE_FAILED).
 SAMPLER_COMPILE = "auto"
 _ATTN_NAME = "vineppo_cascade"
 _ACTIVE = []  # the _CascadeCache of the decode step in flight (read by the attention function)
@@ -1510,8 +1510,8 @@ class _Stepper:
         return self.logits
 
 
-_COMPILED_LAYERS = weakref.WeakKeyDictionary()  # decoder layer -> its compiled forward (SAMPLER_COMPILE)
-_COMPILE_FAILED = []  # why the layers' compile failed in this process, if it did: the decode stays eager from then on
+_COMPILED_FORWARD = {}  # decoder layer class -> its torch.compile'd forward (SAMPLER_COMPILE)
+_COMPILE_FAILED = []    # why the layers' compile failed in this process, if it did: the decode stays eager then
 
 
 def _decoder_layers(model):
@@ -1524,14 +1524,20 @@ def _decoder_layers(model):
 
 
 def _compiles_layers(model):
-    """Whether SAMPLER_COMPILE has the decode steps of `model` run compiled decoder layers (never after a failed
-    compile: _COMPILE_FAILED). "auto" compiles what the H100 timed: half-precision weights on a GPU. Not fp32
-    weights under autocast (full fine-tuning's master weights): compiled code casts every weight to bf16 in every
-    step (eager autocast caches the casts), which no GPU has timed."""
-    params = list(model.parameters())
-    half = sum(p.numel() for p in params if p.dtype in (torch.bfloat16, torch.float16))   # LoRA: a bf16 base
-    auto = params[0].device.type == "cuda" and 2 * half > sum(p.numel() for p in params)
-    return (SAMPLER_COMPILE is True or (SAMPLER_COMPILE == "auto" and auto)) and not _COMPILE_FAILED
+    """Whether SAMPLER_COMPILE has the decode steps of `model` run compiled decoder layers. Never after a failed
+    compile (_COMPILE_FAILED), nor for layers with a forward of their own (accelerate's hooks for a model split
+    over devices: the compiled class forward would skip them). "auto" compiles what an H100 timed: mostly bf16
+    weights (LoRA: its bf16 base) on a GPU of compute capability >= 8.0 (native bf16). Not fp32 weights under
+    autocast (full fine-tuning's master weights): compiled code casts every weight to bf16 in every step (eager
+    autocast caches the casts), which no GPU has timed; nor fp16, not timed either."""
+    if SAMPLER_COMPILE == "auto":
+        params = list(model.parameters())
+        bf16, dev = sum(p.numel() for p in params if p.dtype == torch.bfloat16), params[0].device
+        on = (dev.type == "cuda" and 2 * bf16 > sum(p.numel() for p in params)
+              and torch.cuda.get_device_capability(dev) >= (8, 0))
+    else:
+        on = SAMPLER_COMPILE is True
+    return on and not _COMPILE_FAILED and not any("forward" in vars(layer) for layer in _decoder_layers(model))
 
 
 @contextlib.contextmanager
@@ -1539,12 +1545,14 @@ def _compiled_layers(model):
     """SAMPLER_COMPILE: each decoder layer's forward is its torch.compile'd version inside the block (the
     decode steps only: the prefill and training use the model as it is). One compiled code serves every
     layer: their layer_idx (an int attribute passed to the cache) is traced as a symbol, not a constant
-    to recompile for; a new batch size recompiles once with the size dynamic."""
+    to recompile for; a new batch size recompiles once with the size dynamic. The compiled function is the
+    class's forward, bound to each layer inside the block only, so no compiled code keeps a model alive."""
     layers = _decoder_layers(model)
     for layer in layers:
-        if layer not in _COMPILED_LAYERS:
-            _COMPILED_LAYERS[layer] = torch.compile(type(layer).forward.__get__(layer))
-        layer.forward = _COMPILED_LAYERS[layer]  # an instance attribute shadows the class's forward
+        cls = type(layer)
+        if cls not in _COMPILED_FORWARD:
+            _COMPILED_FORWARD[cls] = torch.compile(cls.forward)
+        layer.forward = types.MethodType(_COMPILED_FORWARD[cls], layer)  # shadows the class's forward
     try:
         with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
             yield
@@ -1781,7 +1789,10 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
             except torch._dynamo.exc.TorchDynamoException as e:  # tracing or the backend (Inductor, Triton) failed
                 if not _compiles_layers(model):
                     raise
-                compile_failed = f"{type(e).__name__}: {e}"[:300]
+                if not isinstance(getattr(e, "inner_exception", None), torch.cuda.OutOfMemoryError):
+                    compile_failed = f"{type(e).__name__}: {e}"[:300]
+                elif sum(len(r) for _, r in batch) <= 1:   # out of memory while compiling: as any OOM
+                    raise
             else:
                 if bar is not None:
                     bar.update(sum(len(r) for _, r in batch))

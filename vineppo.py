@@ -73,7 +73,7 @@ class Args:
     top_p: float = arg(0.9, "nucleus sampling threshold")
     max_new_tokens: int = arg(1024, "response length cap; a response that hits it gets reward 0")
     sampler_memory_fraction: float = arg(0.7, "GPU: share of the free memory one sampling batch's KV cache may take (more: fewer, larger batches)")
-    sampler_compile: str = arg("auto", "torch.compile the sampler's decoder layers: auto (on a GPU, bf16 weights, e.g. LoRA's base: 14-29%% more tokens/s on an H100), on, off")
+    sampler_compile: str = arg("auto", "torch.compile the sampler's decoder layers: auto (bf16 weights, e.g. LoRA's base, on a GPU of compute capability >= 8.0: 14-29%% more tokens/s on an H100), on, off")
     # --- PPO update
     epochs: int = arg(2, "PPO epochs over each iteration's episodes")
     mini_batch: int = arg(64, "episodes per optimizer step")

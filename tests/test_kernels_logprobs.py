@@ -339,7 +339,7 @@ def test_ppo_loss_matches_float64_spec(backend, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["chunked", "torch"])
 def test_ppo_gradient_in_the_forward_equals_the_recomputing_backward(backend, device, small_chunks, monkeypatch):
-    """The default path (dX, dW computed in ppo_loss's forward, one row slab at a time) against the same loss through
+    """PPO_GRADIENT_IN_FORWARD's path (dX, dW computed in ppo_loss's forward, one row slab at a time) against the same loss through
     fused_logprobs: same loss, stats and gradients; the backward scales by the incoming gradient (here 3); a frozen
     lm_head (LoRA) gets no gradient and its dX is still right; ref_logp None; N = 0 on both paths. Ragged slabs:
     45 rows in slabs of 16 (16 + 16 + 13)."""

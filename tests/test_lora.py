@@ -234,7 +234,7 @@ def test_sampler_greedy_with_lora_equals_generate(make, compiled, monkeypatch):
         if isinstance(m, LoraLayer):
             m.merge()
     assert [_hf_greedy(model, p, 10) for p in PREFIXES] == refs
-    assert (counters["frames"]["ok"] > frames) == compiled
+    assert (counters["frames"]["ok"] > frames) == compiled and not ks._COMPILE_FAILED
 
 
 def test_invalid_lora_flags_give_one_line_error():

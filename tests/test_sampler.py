@@ -5,8 +5,10 @@ GPT-2; prefixes of different lengths, nested and duplicated, in one batch); samp
 softmax(logits / T) after top-p truncation (chi-square); EOS / stop strings / max_new_tokens must end
 rows exactly where they should.
 """
+import gc
 import math
 import types
+import weakref
 
 import pytest
 import torch
@@ -86,7 +88,7 @@ def test_greedy_equals_hf_generate(make, device, layers, capsys, monkeypatch):
     monkeypatch.setattr(ks, "SAMPLER_COMPILE", layers)
     model = make().to(device)
     toks, fin = ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=12, temperature=0)
-    assert "CUDA graph capture failed" not in capsys.readouterr().out
+    assert "CUDA graph capture failed" not in capsys.readouterr().out and not ks._COMPILE_FAILED   # it compiled
     for p, rows, f in zip(PREFIXES, toks, fin):
         ref = _hf_greedy(model, p, 12)
         assert rows == [ref, ref] and f == [False, False]
@@ -147,13 +149,18 @@ def test_compiled_decode_layers_equal_hf_generate(device, monkeypatch):
     assert toks == [[_hf_greedy(model, p, b)] * 2 for p, b in zip(PREFIXES, budgets)]
     layers = ks._decoder_layers(model)
     assert len(layers) == 2 and all("forward" not in vars(layer) for layer in layers)
-    assert all(layer in ks._COMPILED_LAYERS for layer in layers)
+    assert type(layers[0]) in ks._COMPILED_FORWARD and not ks._COMPILE_FAILED
     # training calls the sampler with new batch sizes and budgets every time: sizes are dynamic by now, so a
     # call with other ones compiles at most one more frame, not the layers again
     frames = counters["frames"]["ok"]
     toks, _ = ks.sample_continuations(model, PREFIXES[:5], k=3, max_new_tokens=[4, 11, 5, 7, 6], temperature=0)
-    assert counters["frames"]["ok"] - frames <= 1
+    assert counters["frames"]["ok"] - frames <= 1 and not ks._COMPILE_FAILED
     assert toks == [[_hf_greedy(model, p, b)] * 3 for p, b in zip(PREFIXES, [4, 11, 5, 7, 6])]
+    # no compiled code keeps the layers, their weights, alive (training may load another model; 7B is 13 GB)
+    gone = [weakref.ref(layer) for layer in layers]
+    del model, layers
+    gc.collect()
+    assert all(layer() is None for layer in gone)
 
 
 def test_a_failed_layer_compile_falls_back_to_eager_layers(monkeypatch):
@@ -168,6 +175,7 @@ def test_a_failed_layer_compile_falls_back_to_eager_layers(monkeypatch):
             raise BackendCompilerFailed(failing_compile, RuntimeError("no C compiler here"), None)
         return compiled
     monkeypatch.setattr(torch, "compile", failing_compile)
+    monkeypatch.setattr(ks, "_COMPILED_FORWARD", {})   # no layer class compiled by an earlier test
     monkeypatch.setattr(ks, "SAMPLER_COMPILE", True)
     monkeypatch.setattr(ks, "_COMPILE_FAILED", [])
     model = _llama(4)
@@ -179,6 +187,7 @@ def test_a_failed_layer_compile_falls_back_to_eager_layers(monkeypatch):
     toks, _ = ks.sample_continuations(model, PREFIXES[:2], k=1, max_new_tokens=3, temperature=0)
     assert len(calls) == 1 and toks == [[_hf_greedy(model, p, 3)] for p in PREFIXES[:2]]
     monkeypatch.setattr(ks, "SAMPLER_COMPILE", False)   # errors of an uncompiled decode are not swallowed
+    monkeypatch.setattr(ks, "_COMPILE_FAILED", [])
     failure = BackendCompilerFailed(None, KeyError("x"), None)
     monkeypatch.setattr(ks, "_run_batch", lambda *a: (_ for _ in ()).throw(failure))
     with pytest.raises(BackendCompilerFailed):
@@ -187,23 +196,35 @@ def test_a_failed_layer_compile_falls_back_to_eager_layers(monkeypatch):
 
 def test_layers_compile_by_default_on_a_gpu_only(monkeypatch):
     """SAMPLER_COMPILE "auto" (the default) compiles the decode steps' layers where an H100 timed them: a model on a
-    CUDA device whose weights are mostly half precision (a bf16 model; a LoRA model's bf16 base), not fp32 master
-    weights under autocast, nor on a CPU (no steady gain there); True and False hold everywhere, until a compile
-    fails. On the CPU, the default samples uncompiled. (Models as stand-ins: their parameters' device, dtype, size.)"""
+    GPU with native bf16 (compute capability >= 8.0) whose weights are mostly bf16 (a bf16 model; a LoRA model's
+    bf16 base); not fp32 master weights under autocast, nor fp16 (untimed), nor on a CPU (no steady gain there).
+    True and False hold everywhere, but nothing compiles after a failed compile, nor layers with a forward of their
+    own (accelerate's hooks). On the CPU, the default samples uncompiled. (Models as stand-ins: one decoder layer;
+    their parameters' device, dtype and size.)"""
     from torch._dynamo.utils import counters
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[0])
 
-    def model(device, *dtype_sizes):
+    def model(device, *dtype_sizes, hooked=False):
         params = [types.SimpleNamespace(device=torch.device(device), dtype=dt, numel=lambda n=n: n)
                   for dt, n in dtype_sizes]
-        return types.SimpleNamespace(parameters=lambda: iter(params))
+        layer = torch.nn.Linear(1, 1)
+        if hooked:
+            layer.forward = lambda x: x
+        return types.SimpleNamespace(parameters=lambda: iter(params), config=types.SimpleNamespace(num_hidden_layers=1),
+                                     base_model=torch.nn.Sequential(torch.nn.ModuleList([layer])))
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
-    auto_on = [model("cuda", (bf16, 100)), model("cuda", (fp16, 100)), model("cuda", (bf16, 900), (fp32, 100))]
-    auto_off = [model("cuda", (fp32, 100)), model("cuda", (bf16, 40), (fp32, 60)), model("cpu", (bf16, 100))]
+    auto_on = [model("cuda", (bf16, 100)), model("cuda", (bf16, 900), (fp32, 100))]
+    auto_off = [model("cuda", (fp32, 100)), model("cuda", (bf16, 40), (fp32, 60)), model("cuda", (fp16, 100)),
+                model("cpu", (bf16, 100))]
+    hooked = model("cuda", (bf16, 100), hooked=True)
     assert ks.SAMPLER_COMPILE == "auto" and not ks._COMPILE_FAILED
-    assert [ks._compiles_layers(m) for m in auto_on + auto_off] == [True] * 3 + [False] * 3
+    assert [ks._compiles_layers(m) for m in auto_on + auto_off + [hooked]] == [True] * 2 + [False] * 5
+    capability[0] = (7, 5)   # a T4: no native bf16
+    assert not any(ks._compiles_layers(m) for m in auto_on)
     for setting in (True, False):
         monkeypatch.setattr(ks, "SAMPLER_COMPILE", setting)
-        assert all(ks._compiles_layers(m) is setting for m in auto_on + auto_off)
+        assert all(ks._compiles_layers(m) is setting for m in auto_on + auto_off) and not ks._compiles_layers(hooked)
     monkeypatch.setattr(ks, "_COMPILE_FAILED", ["BackendCompilerFailed: ..."])
     assert not any(ks._compiles_layers(m) for m in auto_on + auto_off)
     monkeypatch.setattr(ks, "_COMPILE_FAILED", [])
@@ -742,7 +763,6 @@ def test_out_of_memory_retries_at_half_the_batch_after_releasing_it(monkeypatch)
     """A batch that runs out of memory is split in two and each half retried, down to single rows; the
     retry runs after the except block, when the failed attempt's frames (its KV cache) are freed."""
     import sys
-    import weakref
     model = _llama(9)
     expected = ks.sample_continuations(model, PREFIXES, k=2, max_new_tokens=5, temperature=0)
     real_run_batch, attempts, sizes = ks._run_batch, [], []
