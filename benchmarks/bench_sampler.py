@@ -275,6 +275,25 @@ def _gpu_rows(args, device, configs, shape, K, dtype):
                     torch.cuda.empty_cache()
         if args.greedy_row:  # the same work drawn greedily: the difference is what sampling costs
             rows.append(("ours, greedy", run_ours(model, states, K, T, temperature=0.0), len(states)))
+        if args.fp32_autocast:  # as a full fine-tuning run samples: fp32 master weights under bf16 autocast
+            model.float()
+            autocast = torch.autocast(device, dtype=torch.bfloat16)
+            for compiled in [False, True] if args.compile else [False]:
+                name = "ours, fp32 + autocast" + (", compiled" if compiled else "")
+                old, ks.SAMPLER_COMPILE = ks.SAMPLER_COMPILE, compiled
+                try:
+                    with autocast:
+                        if compiled:   # new guards (autocast on): a compile of its own, timed apart
+                            reports.append(f"{label:<16}{name}: the compile's warm-up runs took "
+                                           f"{compile_warm_up(model, states, K):.1f} s")
+                        r = run_ours(model, states, K, T)
+                finally:
+                    ks.SAMPLER_COMPILE = old
+                measured(label, name, r)
+                rows.append((name, r, len(states)))
+            model.to(dtype)   # bf16 -> fp32 -> bf16 is exact: the generate baselines see the same model
+            if device == "cuda":
+                torch.cuda.empty_cache()
         eager = None
         if not args.no_generate:
             gen_states = gen_batch = args.generate_states or gen_states
@@ -428,6 +447,9 @@ def main():
     ap.add_argument("--memory-fraction", type=float, nargs="*", default=[],
                     help="GPU: also time ours with batches sized to these shares of the free memory (the sampler's "
                          "kernels.SAMPLER_MEMORY_FRACTION is 0.7)")
+    ap.add_argument("--fp32-autocast", action="store_true",
+                    help="GPU: also time ours on fp32 weights under bf16 autocast, as full fine-tuning samples (with "
+                         "--compile: also compiled; kernels' 'auto' leaves such layers eager)")
     ap.add_argument("--compile", action="store_true",
                     help="also time ours with torch.compile'd decoder layers (kernels.SAMPLER_COMPILE); on a GPU at the "
                          "default memory share and at each --memory-fraction")

@@ -722,19 +722,20 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     tiny = ("tiny", dict(layers=1, d=64, heads=4, kv_heads=2, vocab=64, inter=128, max_pos=128), 1, 2, 2)
     args = types.SimpleNamespace(new_tokens=3, compile_baseline=False, no_generate=False, greedy_row=True,
                                  sort_row=True, profile=True, repeats=2, memory_fraction=[0.9], compile=True,
-                                 generate_states=3)
+                                 generate_states=3, fp32_autocast=True)
     with torch.no_grad():
         bench_sampler.gpu_rows(args, device="cpu", configs=[tiny], shape=(8, 16, 4), K=2, dtype=torch.float32)
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("tiny")]
-    table = rows[:8]
+    table = rows[:10]
     assert [r[1:3] for r in table] == [["ours", "25"], ["ours,", "sort"], ["ours,", "memory"], ["ours,", "compiled"],
-                                       ["ours,", "compiled,"], ["ours,", "greedy"], ["generate", "eager"],
-                                       ["generate", "static"]]
+                                       ["ours,", "compiled,"], ["ours,", "greedy"], ["ours,", "fp32"], ["ours,", "fp32"],
+                                       ["generate", "eager"], ["generate", "static"]]
     # 1 + 8 x 3 states, K=2
     assert table[0][2:4] == ["25", "50"] and table[1][4:6] == table[2][4:6] == table[5][3:5] == ["25", "50"]
     assert table[3][3:5] == ["25", "50"] and table[4][5:7] == ["25", "50"]
-    assert table[6][3:5] == table[7][3:5] == ["3", "6"]   # --generate-states 3: 3 states, K = 2 rows each
+    assert table[6][5:7] == ["25", "50"] and table[7][6:8] == ["25", "50"]   # fp32 + autocast, eager and compiled
+    assert table[8][3:5] == table[9][3:5] == ["3", "6"]   # --generate-states 3: 3 states, K = 2 rows each
     # counted alike: ours prefills the 8 leaders (20 tokens) but their last (8 x 19), then each of its 50 rows passes
     # over its state's last token; generate pads its 3 states to 16 tokens and prefills each of their 2 copies
     assert "prefill tokens: ours 202 for 25 states, generate 96 for 3 (4x more per state)" in out
@@ -742,6 +743,7 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     for name in ("ours, memory 0.9", "ours, compiled", "ours, compiled, memory 0.9"):
         assert f"{name}: 1 batches, 0 OOM retries, 3 decode steps" in out
     assert "ours, compiled: the compile's warm-up runs took" in out
+    assert "ours, fp32 + autocast, compiled: the compile's warm-up runs took" in out
     assert out.count("... tiny ours: ") == 2 and "... tiny ours, compiled, memory 0.9: " in out   # as each is timed
     assert (ks.SAMPLER_TOP_P_KERNEL and ks.SAMPLER_MEMORY_FRACTION == 0.7 and ks.SAMPLER_COMPILE == "auto"), \
         "the extra rows restore the defaults"
