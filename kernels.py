@@ -1561,9 +1561,11 @@ def _compiled_layers(model):
             del layer.forward
 
 
-def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend, results, prefill_tokens):
+def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend, results, prefill_tokens,
+               compile_layers):
     """units: [(leader tuple, [(slot, state_len), ...])]; budgets[slot]: that row's max new tokens.
-    Decodes up to budget new tokens for every row and writes results[slot] = (token list, finished)."""
+    Decodes up to budget new tokens for every row and writes results[slot] = (token list, finished);
+    compile_layers: with torch.compile'd decoder layers (_compiles_layers)."""
     dev = next(model.parameters()).device
     pk, pv = _prefill(model, [L for L, _ in units], prefill_tokens)
     rows = [(g, s, n, L[n - 1]) for g, (L, members) in enumerate(units) for s, n in members]  # sorted by nest
@@ -1577,7 +1579,6 @@ def _run_batch(model, units, budgets, temperature, top_p, eos, stopper, backend,
     B = len(rows)
     budget = torch.tensor([budgets[s] for _, s, _, _ in rows], device=dev)  # (B,) max new tokens per row
     T = int(budget.max())
-    compile_layers = _compiles_layers(model)
     cache = (_CompiledStepCache if compile_layers else _CascadeCache)(pk, pv, grp, plen, T, backend)
     ids = first.unsqueeze(1)  # (B, 1): each state's last token ...
     pos = plen.unsqueeze(1).clone()  # (B, 1): ... at its own position (no left padding anywhere)
@@ -1779,19 +1780,20 @@ def sample_continuations(model, prefixes, k, max_new_tokens, temperature=1.0, to
             bar = tqdm(total=n * k, initial=sum(r is not None for r in results), desc=desc)
 
         def run(batch):  # retry at half the batch on out-of-memory; with eager layers if their compile fails
-            compile_failed = None
+            compiled, compile_failed = _compiles_layers(model), None
             try:
                 _run_batch(model, batch, row_budgets, temperature, top_p, eos, stopper, backend,
-                           results, prefill_tokens)
-            except torch.cuda.OutOfMemoryError:
-                if sum(len(r) for _, r in batch) <= 1:
-                    raise
-            except torch._dynamo.exc.TorchDynamoException as e:  # tracing or the backend (Inductor, Triton) failed
-                if not _compiles_layers(model):
-                    raise
-                if not isinstance(getattr(e, "inner_exception", None), torch.cuda.OutOfMemoryError):
+                           results, prefill_tokens, compiled)
+            # a compile's failure comes as a TorchDynamoException (tracing, or the backend: Inductor, Triton); one
+            # that ran out of memory carries the OutOfMemoryError, and is handled as any
+            except (torch.cuda.OutOfMemoryError, torch._dynamo.exc.TorchDynamoException) as e:
+                oom = torch.cuda.OutOfMemoryError
+                if isinstance(e, oom) or isinstance(getattr(e, "inner_exception", None), oom):
+                    if sum(len(r) for _, r in batch) <= 1:
+                        raise
+                elif compiled:
                     compile_failed = f"{type(e).__name__}: {e}"[:300]
-                elif sum(len(r) for _, r in batch) <= 1:   # out of memory while compiling: as any OOM
+                else:
                     raise
             else:
                 if bar is not None:

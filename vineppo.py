@@ -106,7 +106,7 @@ PRESETS = {  # spec 1: the authors' SFT checkpoints; the frozen reference is the
     "deepseekmath-7b": {"gsm8k": "realtreetune/deepseekmath-7b-sft-GSM8K", "math": "realtreetune/deepseekmath-7b-sft-MATH-v2"},
 }
 PAPER_ITERATIONS = {"gsm8k": 650, "math": 1000, "arith": 30}   # arith: the demo's, not the paper's
-SAMPLER_COMPILE = {"auto": "auto", "on": True, "off": False}     # --sampler-compile -> kernels.SAMPLER_COMPILE
+SAMPLER_COMPILE_CHOICES = {"auto": "auto", "on": True, "off": False}   # --sampler-compile -> kernels.SAMPLER_COMPILE
 
 # The demo (tiny model, arith task, 2 CPU cores, 10 minutes) departs from the paper's defaults here.
 # Each value applies only when the flag is not given on the command line.
@@ -182,7 +182,7 @@ def validate(args: Args) -> Optional[str]:
         return "--top-p must be in (0, 1] and --temperature > 0"
     if not 0 < args.sampler_memory_fraction <= 1:
         return f"--sampler-memory-fraction must be in (0, 1] (got {args.sampler_memory_fraction})"
-    if args.sampler_compile not in SAMPLER_COMPILE:
+    if args.sampler_compile not in SAMPLER_COMPILE_CHOICES:
         return f"unknown --sampler-compile {args.sampler_compile!r} (choose auto, on or off)"
     for name in ("train_file", "test_file"):
         if getattr(args, name) and not os.path.isfile(getattr(args, name)):
@@ -1274,7 +1274,7 @@ def train(args: Args) -> list:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     kernels.SAMPLER_MEMORY_FRACTION = args.sampler_memory_fraction
-    kernels.SAMPLER_COMPILE = SAMPLER_COMPILE[args.sampler_compile]
+    kernels.SAMPLER_COMPILE = SAMPLER_COMPILE_CHOICES[args.sampler_compile]
 
     policy, tokenizer = load_policy(ckpt or source, device, args)
     reference = load_reference(source, device) if args.lora_rank == 0 else None   # LoRA: the policy's frozen base

@@ -249,20 +249,27 @@ def _gpu_rows(args, device, configs, shape, K, dtype):
             finally:
                 ks.SAMPLER_TOP_P_KERNEL = True
         reports = []   # printed under the table
-        # Variants of ours: batches sized to other shares of the free memory (bigger batches: fewer of them, fewer
-        # reads of the weights) and/or compiled decoder layers (fused elementwise kernels), each beside the default.
-        variants = [(f, c) for c in ([False, True] if args.compile else [False]) for f in [None] + args.memory_fraction]
-        warmed = False
-        for fraction, compiled in variants[1:]:
-            name = "ours" + (", compiled" if compiled else "") + (f", memory {fraction:g}" if fraction else "")
+        # Variants of ours, each beside the default: batches sized to other shares of the free memory (bigger
+        # batches: fewer of them, fewer reads of the weights), compiled decoder layers (fused elementwise kernels),
+        # and fp32 weights under bf16 autocast, as a full fine-tuning run samples (--fp32-autocast).
+        layers = [False, True] if args.compile else [False]
+        variants = [(f, c, False) for c in layers for f in [None] + args.memory_fraction][1:]
+        variants += [(None, c, True) for c in layers] if args.fp32_autocast else []
+        warmed = set()   # compiled under autocast or not: the guards differ, so each is a compile of its own
+        for fraction, compiled, fp32 in variants:
+            name = ("ours" + (", fp32 + autocast" if fp32 else "") + (", compiled" if compiled else "")
+                    + (f", memory {fraction:g}" if fraction else ""))
             old = ks.SAMPLER_MEMORY_FRACTION, ks.SAMPLER_COMPILE
             ks.SAMPLER_MEMORY_FRACTION, ks.SAMPLER_COMPILE = fraction or old[0], compiled
+            if fp32:
+                model.float()
             try:
-                if compiled and not warmed:   # the compile, timed apart (the later compiled rows reuse it)
-                    reports.append(f"{label:<16}{name}: the compile's warm-up runs took "
-                                   f"{compile_warm_up(model, states, K):.1f} s")
-                    warmed = True
-                r = run_ours(model, states, K, T)
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=fp32):
+                    if compiled and fp32 not in warmed:   # the compile, timed apart (the later rows reuse it)
+                        reports.append(f"{label:<16}{name}: the compile's warm-up runs took "
+                                       f"{compile_warm_up(model, states, K):.1f} s")
+                        warmed.add(fp32)
+                    r = run_ours(model, states, K, T)
                 measured(label, name, r)
                 rows.append((name, r, len(states)))
                 reports.append(f"{label:<16}{name}: {r['stats']['batches']} batches, "
@@ -271,29 +278,11 @@ def _gpu_rows(args, device, configs, shape, K, dtype):
                 reports.append(f"{label:<16}{name}: out of memory ({e!r})"[:200])
             finally:
                 ks.SAMPLER_MEMORY_FRACTION, ks.SAMPLER_COMPILE = old
+                model.to(dtype)   # bf16 -> fp32 -> bf16 is exact: every other row sees the same model
                 if device == "cuda":
                     torch.cuda.empty_cache()
         if args.greedy_row:  # the same work drawn greedily: the difference is what sampling costs
             rows.append(("ours, greedy", run_ours(model, states, K, T, temperature=0.0), len(states)))
-        if args.fp32_autocast:  # as a full fine-tuning run samples: fp32 master weights under bf16 autocast
-            model.float()
-            autocast = torch.autocast(device, dtype=torch.bfloat16)
-            for compiled in [False, True] if args.compile else [False]:
-                name = "ours, fp32 + autocast" + (", compiled" if compiled else "")
-                old, ks.SAMPLER_COMPILE = ks.SAMPLER_COMPILE, compiled
-                try:
-                    with autocast:
-                        if compiled:   # new guards (autocast on): a compile of its own, timed apart
-                            reports.append(f"{label:<16}{name}: the compile's warm-up runs took "
-                                           f"{compile_warm_up(model, states, K):.1f} s")
-                        r = run_ours(model, states, K, T)
-                finally:
-                    ks.SAMPLER_COMPILE = old
-                measured(label, name, r)
-                rows.append((name, r, len(states)))
-            model.to(dtype)   # bf16 -> fp32 -> bf16 is exact: the generate baselines see the same model
-            if device == "cuda":
-                torch.cuda.empty_cache()
         eager = None
         if not args.no_generate:
             gen_states = gen_batch = args.generate_states or gen_states

@@ -729,18 +729,19 @@ def test_bench_sampler_gpu_rows_code_path_on_cpu(capsys):
     rows = [line.split() for line in out.splitlines() if line.startswith("tiny")]
     table = rows[:10]
     assert [r[1:3] for r in table] == [["ours", "25"], ["ours,", "sort"], ["ours,", "memory"], ["ours,", "compiled"],
-                                       ["ours,", "compiled,"], ["ours,", "greedy"], ["ours,", "fp32"], ["ours,", "fp32"],
+                                       ["ours,", "compiled,"], ["ours,", "fp32"], ["ours,", "fp32"], ["ours,", "greedy"],
                                        ["generate", "eager"], ["generate", "static"]]
     # 1 + 8 x 3 states, K=2
-    assert table[0][2:4] == ["25", "50"] and table[1][4:6] == table[2][4:6] == table[5][3:5] == ["25", "50"]
+    assert table[0][2:4] == ["25", "50"] and table[1][4:6] == table[2][4:6] == table[7][3:5] == ["25", "50"]
     assert table[3][3:5] == ["25", "50"] and table[4][5:7] == ["25", "50"]
-    assert table[6][5:7] == ["25", "50"] and table[7][6:8] == ["25", "50"]   # fp32 + autocast, eager and compiled
+    assert table[5][5:7] == ["25", "50"] and table[6][6:8] == ["25", "50"]   # fp32 + autocast, eager and compiled
     assert table[8][3:5] == table[9][3:5] == ["3", "6"]   # --generate-states 3: 3 states, K = 2 rows each
     # counted alike: ours prefills the 8 leaders (20 tokens) but their last (8 x 19), then each of its 50 rows passes
     # over its state's last token; generate pads its 3 states to 16 tokens and prefills each of their 2 copies
     assert "prefill tokens: ours 202 for 25 states, generate 96 for 3 (4x more per state)" in out
     # (on the CPU the batch budget is a fixed 1 GiB, not a share of free memory: this covers the row's code path)
-    for name in ("ours, memory 0.9", "ours, compiled", "ours, compiled, memory 0.9"):
+    for name in ("ours, memory 0.9", "ours, compiled", "ours, compiled, memory 0.9", "ours, fp32 + autocast",
+                 "ours, fp32 + autocast, compiled"):
         assert f"{name}: 1 batches, 0 OOM retries, 3 decode steps" in out
     assert "ours, compiled: the compile's warm-up runs took" in out
     assert "ours, fp32 + autocast, compiled: the compile's warm-up runs took" in out

@@ -313,7 +313,7 @@ def test_sampler_flags_reach_the_sampler(tmp_path, monkeypatch):
                                 "--sampler-memory-fraction", "0.5", "--sampler-compile", "on"))
     assert len(seen) == 6 and set(seen) == {(0.5, True)}   # 2 evaluations x 2 calls, episodes, MC rollouts
     default = vp.parse_args([])
-    assert (default.sampler_memory_fraction, vp.SAMPLER_COMPILE[default.sampler_compile]) == (0.7, "auto")
+    assert (default.sampler_memory_fraction, vp.SAMPLER_COMPILE_CHOICES[default.sampler_compile]) == (0.7, "auto")
 
 
 def test_every_method_sees_the_same_evaluation_and_episodes(tmp_path, monkeypatch):
